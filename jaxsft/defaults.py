@@ -1,0 +1,53 @@
+"""Every public config key with its default; config files in configs/ start from `base_config()`."""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "classification"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name_or_path = ""  # local HF folder or hub id
+    c.model.num_labels = config_dict.placeholder(int)  # None: inferred from the training labels; 1: regression
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # .tsv .csv .json .jsonl .parquet, or an HF dataset spec such as glue/sst2:train
+    c.data.eval = ""
+    c.data.text_fields = ["sentence"]  # one name, or two for sentence pairs
+    c.data.label_field = "label"
+    c.data.label_names = config_dict.placeholder(list)
+    c.data.buckets = config_dict.placeholder(list)  # padded lengths; None: powers of two up to max_length
+    c.data.group_by_length = True  # batch examples of similar length together (less padding)
+
+    c.max_length = 128
+    c.batch_size = 32  # global, over all devices and accumulation steps
+    c.eval_batch_size = config_dict.placeholder(int)  # None: batch_size
+    c.gradient_accumulation_steps = 1
+    c.num_epochs = 1
+    c.max_steps = -1  # > 0 wins over num_epochs
+
+    c.learning_rate = 5e-5
+    c.warmup_steps = 0
+    c.warmup_ratio = 0.0
+    c.weight_decay = 0.0
+    c.max_grad_norm = 1.0
+    c.adam_beta1 = 0.9
+    c.adam_beta2 = 0.999
+    c.adam_epsilon = 1e-8
+    c.label_smoothing = 0.0
+
+    c.log_every_steps = 50
+    c.eval_every_steps = -1  # <= 0: at the end of every epoch
+    c.checkpoint_every_steps = -1  # <= 0: whenever the run evaluates
+    c.keep_checkpoints = 2  # the newest N, plus the best by checkpoint_metric
+    c.checkpoint_metric = config_dict.placeholder(str)  # None: the task's (eval_accuracy for classification)
+    c.checkpoint_mode = config_dict.placeholder(str)  # max | min; None: the task's
+
+    c.seed = 42
+    c.dtype = "float32"  # compute dtype; master weights stay float32
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    return c

@@ -1,0 +1,40 @@
+"""The one exception type for bad user input, and the CLI wrapper that turns it into one line and exit 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+
+
+class UserError(Exception):
+    """Bad input (config, data, checkpoint folder, workdir): the message names the offending thing."""
+
+
+def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
+    """Runs a CLI main; bad input → one line on stderr and exit 2, other failures → one line and exit 1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
+    for noisy in ("absl", "jax._src", "orbax", "datasets", "httpx", "urllib3", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
+    try:
+        code = main(argv)
+    except UserError as e:
+        if verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the CLI's last line must stay one readable line
+        if verbose:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"error: {type(e).__name__}: {msg} (rerun with --verbose for the traceback)", file=sys.stderr, flush=True)
+        sys.exit(EXIT_FAILURE)
+    sys.exit(code or 0)

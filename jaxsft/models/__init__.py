@@ -1,0 +1,137 @@
+"""Build a family's NNX model from an HF config, fill it with checkpoint weights, and map names both ways.
+
+Parameters travel through the trainer, the optimizer and Orbax as one flat dict `{dotted.path: array}`;
+`Functional.apply` turns such a dict back into the NNX module inside jit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxsft.errors import UserError
+from jaxsft.models.registry import builder, family_for
+
+log = logging.getLogger("jaxsft")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(name: str):
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise UserError(f"config.dtype: {name!r} is not one of {', '.join(DTYPES)}") from None
+
+
+def flatten_state(tree, prefix: tuple = ()) -> dict[str, object]:
+    out = {}
+    for k, v in tree.items():
+        path = prefix + (str(k),)
+        if isinstance(v, dict):
+            out.update(flatten_state(v, path))
+        else:
+            out[".".join(path)] = v
+    return out
+
+
+def unflatten(flat: dict[str, object]) -> dict:
+    tree: dict = {}
+    for key, v in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+class Functional:
+    """The NNX graph of a model, applied to a flat parameter dict (pure, so it can live under jit)."""
+
+    def __init__(self, model: nnx.Module):
+        self.graphdef, state = nnx.split(model)
+        self.model_class = type(model).__name__
+
+    def apply(self, params: dict, *args, **kwargs):
+        return nnx.merge(self.graphdef, unflatten(params))(*args, **kwargs)
+
+
+def hf_name(path: str) -> tuple[str, bool]:
+    """Our dotted parameter path → (PyTorch name, transpose?) under the standard PT↔Flax rule."""
+    head, _, leaf = path.rpartition(".")
+    if leaf == "kernel":
+        return f"{head}.weight", True
+    if leaf in ("scale", "embedding"):
+        return f"{head}.weight", False
+    return path, False
+
+
+@dataclass
+class LoadReport:
+    missing: list[str] = field(default_factory=list)  # ours, newly initialised
+    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, unused
+
+
+def build_model(hf_config, task: str, dtype, seed: int) -> nnx.Module:
+    """A randomly initialised model of the checkpoint's family with the head `task` needs."""
+    family = family_for(hf_config)
+    return builder(family, task)(hf_config, dtype, nnx.Rngs(seed))
+
+
+def load_weights(model: nnx.Module, weights: dict[str, np.ndarray], source: str) -> tuple[dict, LoadReport]:
+    """Fills the model's flat params from PyTorch-named weights; returns (params, report)."""
+    family_prefix = getattr(model, "base_prefix", "")
+    family = family_for_model(model)
+    ckpt = {family.normalize_hf_key(k, family_prefix): v for k, v in weights.items()}
+    params = flatten_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    report = LoadReport()
+    used = set()
+    for path, init in params.items():
+        name, transpose = hf_name(path)
+        if name not in ckpt:
+            report.missing.append(name)
+            continue
+        arr = np.asarray(ckpt[name])
+        arr = arr.T if transpose else arr
+        if arr.shape != tuple(init.shape):
+            raise UserError(f"{source}: weight {name} has shape {tuple(np.asarray(ckpt[name]).shape)}, "
+                            f"the config implies {tuple(init.shape)[::-1] if transpose else tuple(init.shape)}")
+        params[path] = jnp.asarray(arr, dtype=init.dtype)
+        used.add(name)
+    report.unexpected = sorted(k for k in ckpt if k not in used and not k.endswith(family.IGNORED_HF_KEYS))
+    if len(report.missing) == len(params):
+        raise UserError(f"{source}: none of the checkpoint's weights match a {type(model).__name__} "
+                        f"(first names: {', '.join(list(ckpt)[:3])})")
+    return params, report
+
+
+def family_for_model(model: nnx.Module):
+    import importlib
+
+    return importlib.import_module(type(model).__module__)
+
+
+def to_hf_weights(params: dict, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Flat params → PyTorch-named, PyTorch-layout numpy arrays (for export)."""
+    out = {}
+    for path, value in params.items():
+        name, transpose = hf_name(path)
+        arr = np.asarray(jax.device_get(value)).astype(dtype)
+        out[name] = np.ascontiguousarray(arr.T if transpose else arr)
+    return out
+
+
+def report_load(report: LoadReport, model_class: str, source: str) -> None:
+    if report.missing:
+        log.info("Some weights of %s were not initialized from the model checkpoint at %s and are newly "
+                 "initialized: %s\nYou should probably TRAIN this model on a down-stream task.",
+                 model_class, source, report.missing)
+    if report.unexpected:
+        log.info("Some weights of the checkpoint at %s were not used when initializing %s: %s",
+                 source, model_class, report.unexpected[:20] + (["..."] if len(report.unexpected) > 20 else []))

@@ -1,0 +1,26 @@
+"""HF `model_type` → family module, and the task → head builder each family offers."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from jaxsft.errors import UserError
+from jaxsft.models import bert
+
+FAMILIES: dict[str, ModuleType] = {t: bert for t in bert.MODEL_TYPES}
+TASK_BUILDERS = {"classification": "sequence_classification"}
+
+
+def family_for(hf_config) -> ModuleType:
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise UserError(f"unknown model_type {model_type!r} in the checkpoint's config.json; "
+                        f"supported: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type]
+
+
+def builder(family: ModuleType, task: str):
+    name = TASK_BUILDERS.get(task)
+    if name is None or not hasattr(family, name):
+        raise UserError(f"task {task!r} is not available for {family.__name__.rsplit('.', 1)[-1]} models")
+    return getattr(family, name)

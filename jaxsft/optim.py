@@ -1,0 +1,42 @@
+"""The Optax chain from config: clip → AdamW (no decay on biases and norms) with warmup + linear decay."""
+
+from __future__ import annotations
+
+import math
+
+import optax
+
+from jaxsft.errors import UserError
+
+NO_DECAY_LEAVES = ("bias", "scale")  # biases and LayerNorm/RMSNorm weights, as HF Trainer excludes them
+
+
+def warmup_steps(config, total_steps: int) -> int:
+    if config.warmup_steps and config.warmup_steps > 0:
+        return int(config.warmup_steps)
+    return int(math.ceil(config.warmup_ratio * total_steps))
+
+
+def schedule(config, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to learning_rate, then linear decay to 0 at total_steps (HF's default)."""
+    if not config.learning_rate > 0:
+        raise UserError(f"config.learning_rate must be > 0, got {config.learning_rate}")
+    warm = min(warmup_steps(config, total_steps), total_steps)
+    decay = optax.linear_schedule(config.learning_rate, 0.0, max(total_steps - warm, 1))
+    if warm == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warm), decay], [warm])
+
+
+def decay_mask(params: dict) -> dict:
+    return {k: k.rsplit(".", 1)[-1] not in NO_DECAY_LEAVES for k in params}
+
+
+def make_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    lr = schedule(config, total_steps)
+    chain = []
+    if config.max_grad_norm and config.max_grad_norm > 0:
+        chain.append(optax.clip_by_global_norm(config.max_grad_norm))
+    chain.append(optax.adamw(lr, b1=config.adam_beta1, b2=config.adam_beta2, eps=config.adam_epsilon,
+                             weight_decay=config.weight_decay, mask=decay_mask))
+    return optax.chain(*chain), lr

@@ -1,0 +1,25 @@
+"""Train: `python -m jaxsft.run --config configs/classify.py --workdir W [--config.key=value ...]`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from jaxsft import cli
+from jaxsft.errors import run_cli
+
+
+def main(argv: list[str]) -> int:
+    config, rest = cli.config_from_args(argv)
+    p = cli.parser("jaxsft.run", __doc__)
+    p.add_argument("--workdir", required=True, help="run folder: config, checkpoints, metrics (resumes if present)")
+    args = p.parse_args(rest)
+    from jaxsft.train import train_and_evaluate  # heavy imports after the arguments are known to be good
+
+    final = train_and_evaluate(config, args.workdir)
+    print(json.dumps(final), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])

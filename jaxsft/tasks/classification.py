@@ -1,0 +1,187 @@
+"""Sequence classification (and regression with num_labels=1): labels, tokenization, batches, loss, metrics."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxsft import metrics as metrics_lib
+from jaxsft.data.batching import bucket_for, pad_rows
+from jaxsft.data.sources import require_columns
+from jaxsft.errors import UserError
+
+log = logging.getLogger("jaxsft")
+
+name = "classification"
+default_metric = ("eval_accuracy", "max")
+regression_metric = ("eval_loss", "min")
+
+
+@dataclass
+class Features:
+    input_ids: list[np.ndarray]
+    token_type_ids: list[np.ndarray]
+    labels: np.ndarray | None  # int label ids, float targets, or None for unlabelled data
+    raw_labels: list | None
+    lengths: np.ndarray
+    num_empty: int = 0
+    num_truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _label_kind(values: list, key: str):
+    kinds = {type(v) for v in values}
+    if kinds <= {int, bool}:
+        return int
+    if kinds <= {int, float, bool}:
+        return float
+    if kinds == {str}:
+        return str
+    raise UserError(f"{key}: mixed label types in the label column ({', '.join(sorted(k.__name__ for k in kinds))})")
+
+
+def resolve_labels(config, train_ds) -> None:
+    """Fills `model.num_labels` and `data.label_names` from the training labels (the rules in the README)."""
+    d = config.data
+    values = train_ds[d.label_field]
+    for i, v in enumerate(values):
+        if v is None or (isinstance(v, str) and not v.strip()):
+            raise UserError(f"data.train: row {i} has no label in column {d.label_field!r}")
+    if config.model.num_labels == 1:  # regression
+        if _label_kind(values, "data.train") is str:
+            raise UserError(f"data.train: model.num_labels=1 (regression) needs numeric labels, got {values[0]!r}")
+        d.label_names = None
+        return
+    kind = _label_kind(values, "data.train")
+    if d.label_names:
+        names = list(d.label_names)
+    else:
+        uniq = sorted(set(values))
+        if kind is float:
+            raise UserError(f"data.train: labels are numbers like {uniq[0]!r}; set model.num_labels=1 for "
+                            f"regression or data.label_names for classes")
+        names = list(range(len(uniq))) if kind is int and uniq == list(range(len(uniq))) else uniq
+    if config.model.num_labels and config.model.num_labels != len(names):
+        if d.label_names or config.model.num_labels < len(names):
+            raise UserError(f"model.num_labels={config.model.num_labels} but the labels are {names[:10]}")
+        names = list(range(config.model.num_labels)) if kind is int else names
+    if len(names) < 2:
+        raise UserError(f"data.train: only one label value ({names[0]!r}); classification needs at least two")
+    d.label_names = names
+    config.model.num_labels = len(names)
+
+
+def label_ids(values: list, config, key: str) -> np.ndarray:
+    names = list(config.data.label_names)
+    if config.model.num_labels == 1:
+        return np.asarray(values, dtype=np.float32)
+    index = {n: i for i, n in enumerate(names)}
+    ints_by_position = all(isinstance(n, str) for n in names) and _label_kind(values, key) is int
+    out = np.empty(len(values), dtype=np.int32)
+    for i, v in enumerate(values):
+        if ints_by_position:  # integer labels with string label_names: an index into label_names
+            if not 0 <= v < len(names):
+                raise UserError(f"{key}: label {v} (row {i}) is outside 0..{len(names) - 1} (data.label_names)")
+            out[i] = v
+        elif v in index:
+            out[i] = index[v]
+        else:
+            raise UserError(f"{key}: label {v!r} (row {i}) is not in the label set {names}"
+                            + ("" if config.data.label_names else " seen in data.train"))
+    return out
+
+
+def featurize(ds, tokenizer, config, key: str, spec: str, *, need_labels: bool) -> Features:
+    """Tokenizes one split; labels are read when the column exists (required when `need_labels`)."""
+    d = config.data
+    fields = list(d.text_fields)
+    if not 1 <= len(fields) <= 2:
+        raise UserError(f"data.text_fields: one field, or two for sentence pairs; got {fields}")
+    require_columns(ds, fields, key, spec, "data.text_fields")
+    has_labels = d.label_field in ds.column_names
+    if need_labels and not has_labels:
+        require_columns(ds, [d.label_field], key, spec, "data.label_field")
+    texts = [["" if t is None else str(t) for t in ds[f]] for f in fields]
+    num_empty = sum(1 for row in zip(*texts) if not any(s.strip() for s in row))
+    enc = tokenizer(*texts, truncation=True, max_length=config.max_length)
+    ids = [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]]
+    types = [np.asarray(x, dtype=np.int32) for x in enc["token_type_ids"]] if "token_type_ids" in enc else \
+        [np.zeros_like(x) for x in ids]
+    lengths = np.asarray([len(x) for x in ids])
+    raw = ds[d.label_field] if has_labels else None
+    labels = label_ids(raw, config, key) if has_labels else None
+    return Features(ids, types, labels, raw, lengths, num_empty, int((lengths >= config.max_length).sum()))
+
+
+def collate(features: Features, indices: np.ndarray, batch_size: int, buckets: list[int], pad_id: int) -> dict:
+    """One fixed-shape numpy batch; rows past len(indices) are padding with weight 0."""
+    length = bucket_for(int(features.lengths[indices].max()), buckets)
+    ids = pad_rows([features.input_ids[i] for i in indices], length, pad_id, batch_size)
+    types = pad_rows([features.token_type_ids[i] for i in indices], length, 0, batch_size)
+    mask = np.zeros((batch_size, length), dtype=np.int32)
+    for r, i in enumerate(indices):
+        mask[r, :min(features.lengths[i], length)] = 1
+    weights = np.zeros((batch_size,), dtype=np.float32)
+    weights[:len(indices)] = 1.0
+    labels_dtype = np.float32 if features.labels is not None and features.labels.dtype.kind == "f" else np.int32
+    labels = np.zeros((batch_size,), dtype=labels_dtype)
+    if features.labels is not None:
+        labels[:len(indices)] = features.labels[indices]
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels, "weights": weights}
+
+
+def forward(apply, params, batch, rng=None):
+    return apply(params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], rng=rng)
+
+
+def loss(logits, batch, config):
+    """(sum of per-example losses, number of real examples): the loop divides, so accumulation stays exact."""
+    w = batch["weights"]
+    if config.model.num_labels == 1:
+        per = (logits[:, 0] - batch["labels"]) ** 2
+    elif config.label_smoothing > 0:
+        onehot = optax.smooth_labels(jnp.eye(logits.shape[-1])[batch["labels"]], config.label_smoothing)
+        per = optax.softmax_cross_entropy(logits, onehot)
+    else:
+        per = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+    return (per * w).sum(), w.sum()
+
+
+def compute_metrics(outputs: np.ndarray, features: Features, config) -> dict[str, float]:
+    if features.labels is None:
+        return {}
+    if config.model.num_labels == 1:
+        m = metrics_lib.regression(outputs[:, 0], features.labels)
+    else:
+        m = metrics_lib.classification(outputs, features.labels)
+    return {f"eval_{k}": v for k, v in m.items()}
+
+
+def prediction_rows(outputs: np.ndarray, features: Features, config) -> list[dict]:
+    rows = []
+    names = list(config.data.label_names or [])
+    probs = None if config.model.num_labels == 1 else np.exp(metrics_lib.log_softmax(outputs))
+    for i in range(len(outputs)):
+        row = {"index": i}
+        if features.raw_labels is not None:
+            row["label"] = features.raw_labels[i]
+        if probs is None:
+            row["prediction"] = float(outputs[i, 0])
+        else:
+            pid = int(outputs[i].argmax())
+            row.update(pred_id=pid, pred_label=names[pid] if names else pid,
+                       probabilities=[round(float(p), 6) for p in probs[i]])
+        rows.append(row)
+    return rows
+
+
+def id2label(config) -> dict[int, str]:
+    if config.model.num_labels == 1:
+        return {0: "LABEL_0"}
+    return {i: str(n) for i, n in enumerate(config.data.label_names)}

@@ -1,0 +1,258 @@
+"""train_and_evaluate(config, workdir): the one loop every task shares.
+
+Order matters for "bad input never touches the workdir": everything is validated and loaded (config, data,
+tokenizer, weights) before the first file is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxsft import config as config_lib
+from jaxsft import hf_io, optim, parallel, pipeline
+from jaxsft.checkpoint import Checkpoints, abstract
+from jaxsft.data.batching import BatchPlan, padding_share
+from jaxsft.data.sources import load_source
+from jaxsft.errors import UserError
+from jaxsft.models import Functional, build_model, compute_dtype, load_weights, report_load
+from jaxsft.reporting import MetricsWriter, Progress
+
+log = logging.getLogger("jaxsft")
+
+
+def validate(config) -> None:
+    """Checks that need no data or model: numbers in range, a known task and dtype."""
+    pipeline.task_module(config)
+    compute_dtype(config.dtype)
+    for key in ("batch_size", "max_length", "log_every_steps", "keep_checkpoints", "gradient_accumulation_steps"):
+        if config[key] <= 0:
+            raise UserError(f"config.{key} must be > 0, got {config[key]}")
+    if config.max_steps <= 0 and config.num_epochs <= 0:
+        raise UserError(f"config.max_steps ({config.max_steps}) and config.num_epochs ({config.num_epochs}) are "
+                        "both <= 0: nothing to train")
+    if not config.learning_rate > 0:
+        raise UserError(f"config.learning_rate must be > 0, got {config.learning_rate}")
+    if config.checkpoint_mode not in (None, "max", "min"):
+        raise UserError(f"config.checkpoint_mode must be 'max' or 'min', got {config.checkpoint_mode!r}")
+    if not config.model.name_or_path:
+        raise UserError("config.model.name_or_path is not set")
+
+
+def check_workdir(workdir: Path) -> None:
+    """Fails early (before any loading) if the workdir cannot be a folder we write to."""
+    p = Path(workdir)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"--workdir {workdir} is a file, not a folder")
+    parent = p
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--workdir {workdir}: {parent} is a file, so the folder cannot be created")
+    import os
+
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--workdir {workdir}: {parent} is not writable")
+
+
+def mesh_for(config):
+    mesh = parallel.make_mesh(config.mesh)
+    shards = parallel.data_shards(mesh)
+    per_step = shards * config.gradient_accumulation_steps
+    if config.batch_size % per_step:
+        raise UserError(f"config.batch_size={config.batch_size} is not divisible by data x fsdp shards ({shards}) "
+                        f"x gradient_accumulation_steps ({config.gradient_accumulation_steps})")
+    return mesh
+
+
+def make_train_step(functional, task, tx, config, mesh):
+    """A pure, jitted step: (state, batch, step) → (state, {loss_sum, count, grad_norm}); state is donated."""
+    k = config.gradient_accumulation_steps
+    key = jax.random.key(config.seed)
+
+    def sums(params, batch, rng):
+        logits = task.forward(functional.apply, params, batch, rng)
+        return task.loss(logits, batch, config)
+
+    def step(state, batch, step_no):
+        params, opt_state = state["params"], state["opt_state"]
+        rng = jax.random.fold_in(key, step_no)
+        grad_fn = jax.value_and_grad(lambda p, b, r: sums(p, b, r)[0], has_aux=False)
+        if k == 1:
+            loss_sum, grads = grad_fn(params, batch, rng)
+            count = batch["weights"].sum()
+        else:
+            # Strided micro-batches keep every device's rows inside each micro-batch.
+            micro = jax.tree.map(lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
+
+            def body(carry, xs):
+                i, mb = xs
+                ls, g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+                return (carry[0] + ls, jax.tree.map(jnp.add, carry[1], g)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (loss_sum, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(k), micro))
+            count = batch["weights"].sum()
+        grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return {"params": params, "opt_state": opt_state}, {"loss_sum": loss_sum, "count": count,
+                                                            "grad_norm": grad_norm}
+
+    rep = parallel.replicated(mesh)
+    return jax.jit(step, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=(rep, rep),
+                   donate_argnums=(0,))
+
+
+def _write_workdir_files(workdir: Path, config, hf_config, tokenizer) -> None:
+    if jax.process_index() != 0:
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
+    hf_config.save_pretrained(workdir / "hf")
+    tokenizer.save_pretrained(workdir / "hf")
+    env = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count()}
+    (workdir / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
+
+
+def train_and_evaluate(config, workdir: str | Path) -> dict:
+    """Fine-tunes per config, evaluating and checkpointing into workdir; resumes if workdir has checkpoints."""
+    workdir = Path(workdir)
+    validate(config)
+    check_workdir(workdir)
+    task = pipeline.task_module(config)
+    mesh = mesh_for(config)
+    if config.checkpoint_metric is None:
+        metric, mode = task.regression_metric if config.model.num_labels == 1 else task.default_metric
+        config.checkpoint_metric = metric
+        config.checkpoint_mode = config.checkpoint_mode or mode
+    config.checkpoint_mode = config.checkpoint_mode or "max"
+
+    # --- load and validate everything; nothing is written yet ---
+    folder = hf_io.resolve(config.model.name_or_path)
+    hf_config = pipeline.load_hf_config(folder, "model.name_or_path")
+    tokenizer = pipeline.load_tokenizer(folder, "model.name_or_path")
+    train_ds = load_source(config.data.train, "data.train")
+    if config.data.label_field not in train_ds.column_names:
+        from jaxsft.data.sources import require_columns
+
+        require_columns(train_ds, [config.data.label_field], "data.train", config.data.train, "data.label_field")
+    task.resolve_labels(config, train_ds)
+    train = task.featurize(train_ds, tokenizer, config, "data.train", config.data.train, need_labels=True)
+    evals = None
+    if config.data.eval:
+        eval_ds = load_source(config.data.eval, "data.eval")
+        evals = task.featurize(eval_ds, tokenizer, config, "data.eval", config.data.eval, need_labels=True)
+    pipeline.set_label_config(hf_config, config, task)
+    model = build_model(hf_config, config.task, compute_dtype(config.dtype), config.seed)
+    params, report = load_weights(model, hf_io.read_weights(folder), str(config.model.name_or_path))
+    report_load(report, type(model).__name__, str(config.model.name_or_path))
+    functional = Functional(model)
+    del model
+    _write_workdir_files(workdir, config, hf_config, tokenizer)
+    for what, f in (("train", train), ("eval", evals)):
+        if f is not None and (f.num_empty or f.num_truncated):
+            log.info("data.%s: %d empty texts, %d examples cut at max_length=%d", what, f.num_empty,
+                     f.num_truncated, config.max_length)
+
+    # --- schedule, optimizer, steps ---
+    bucket_list = pipeline.buckets(config)
+    plan = BatchPlan(train.lengths, config.batch_size, seed=config.seed, shuffle=True,
+                     group_by_length=config.data.group_by_length)
+    total = config.max_steps if config.max_steps > 0 else config.num_epochs * plan.num_batches
+    tx, lr_fn = optim.make_optimizer(config, total)
+    rep = parallel.replicated(mesh)
+    state = jax.device_put({"params": params, "opt_state": tx.init(params)}, rep)
+    train_step = make_train_step(functional, task, tx, config, mesh)
+    eval_step = pipeline.make_eval_step(functional, task, mesh)
+    pad_id = tokenizer.pad_token_id
+    collate = partial(task.collate, train, batch_size=config.batch_size, buckets=bucket_list, pad_id=pad_id)
+
+    ckpts = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints, metric=config.checkpoint_metric,
+                        mode=config.checkpoint_mode)
+    meta = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "acc_loss_sum": 0.0, "acc_count": 0.0,
+            "eval_metrics": {}}
+    restored = ckpts.restore_latest(abstract(state))
+    if restored is not None:
+        state, meta = restored
+        log.info("resuming from step %d (epoch %d, batch %d) in %s", meta["step"], meta["epoch"],
+                 meta["batch_in_epoch"], workdir / "checkpoints")
+    step, epoch, batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
+    acc_loss, acc_count = meta["acc_loss_sum"], meta["acc_count"]
+    writer = MetricsWriter(workdir / "metrics.jsonl")
+    log.info("training %d steps (%d per epoch, batch %d, %d devices, mesh %s); padding %.1f%% of tokens "
+             "(buckets %s)", total, plan.num_batches, config.batch_size, mesh.size, dict(mesh.shape),
+             100 * padding_share(train.lengths, plan.epoch(0), config.batch_size, bucket_list), bucket_list)
+
+    def evaluate(step_no: int) -> dict:
+        if evals is None:
+            return {}
+        t0 = time.time()
+        outputs = pipeline.predict(eval_step, state["params"], evals, config, mesh, task, pad_id)
+        m = task.compute_metrics(outputs, evals, config)
+        m["eval_seconds"] = round(time.time() - t0, 3)
+        writer.write(step_no, {**m, "epoch": round(step_no / plan.num_batches, 4)})
+        log.info("eval at step %d: %s", step_no, {k: round(v, 4) for k, v in m.items()})
+        return m
+
+    progress = Progress(total, step)
+    last_metrics: dict = meta.get("eval_metrics", {})
+    t_log, ex_log, pending = time.time(), 0, []
+    eval_every, ckpt_every = config.eval_every_steps, config.checkpoint_every_steps
+    while step < total:
+        batches = plan.epoch(epoch)
+        for bi in range(batch_in_epoch, len(batches)):
+            if step >= total:
+                break
+            idx = batches[bi]
+            state, out = train_step(state, parallel.to_global(collate(idx), mesh), jnp.int32(step))
+            step += 1
+            ex_log += len(idx)
+            pending.append(out)
+            end_of_epoch = bi + 1 == len(batches)
+            epoch_after, batch_after = (epoch + 1, 0) if end_of_epoch else (epoch, bi + 1)
+            if step % config.log_every_steps == 0 or step == total:
+                vals = jax.device_get(pending)
+                acc_loss += float(sum(v["loss_sum"] for v in vals))
+                acc_count += float(sum(v["count"] for v in vals))
+                elapsed = time.time() - t_log
+                row = {"loss": acc_loss / max(acc_count, 1.0), "learning_rate": float(lr_fn(step - 1)),
+                       "grad_norm": float(vals[-1]["grad_norm"]), "examples_per_second": ex_log / elapsed,
+                       "epoch": round(step / plan.num_batches, 4)}
+                writer.write(step, row)
+                progress.update(step, {"loss": row["loss"], "ex/s": round(row["examples_per_second"], 1),
+                                       **({config.checkpoint_metric: last_metrics[config.checkpoint_metric]}
+                                          if config.checkpoint_metric in last_metrics else {})})
+                acc_loss, acc_count, pending, ex_log, t_log = 0.0, 0.0, [], 0, time.time()
+            eval_due = (eval_every > 0 and step % eval_every == 0) or (eval_every <= 0 and end_of_epoch) \
+                or step == total
+            ckpt_due = (ckpt_every > 0 and step % ckpt_every == 0) or (ckpt_every <= 0 and eval_due) \
+                or step == total
+            if evals is not None and (eval_due or ckpt_due):  # every checkpoint carries its eval metrics
+                last_metrics = evaluate(step)
+                t_log = time.time()
+            if ckpt_due:
+                if pending:  # the unlogged part of the loss accumulator is saved with the checkpoint
+                    vals = jax.device_get(pending)
+                    acc_loss += float(sum(v["loss_sum"] for v in vals))
+                    acc_count += float(sum(v["count"] for v in vals))
+                    pending = []
+                meta = {"step": step, "epoch": epoch_after, "batch_in_epoch": batch_after, "acc_loss_sum": acc_loss,
+                        "acc_count": acc_count, "eval_metrics": last_metrics}
+                ckpts.save(step, state, meta, last_metrics)
+                t_log = time.time()
+        epoch, batch_in_epoch = epoch + 1, 0
+    progress.close()
+    ckpts.close()
+    final = {"step": step, **last_metrics}
+    log.info("done: %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in final.items()})
+    return final
