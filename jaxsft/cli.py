@@ -20,13 +20,15 @@ def parser(prog: str, description: str) -> Parser:
     return p
 
 
-def config_from_args(argv: list[str], *, workdir_config: Path | None = None):
-    """(config, other args): from `--config FILE` (or a workdir's config.json) plus `--config.*` overrides."""
+def config_from_args(argv: list[str], *, workdir_config: Path | None = None, base=None):
+    """(config, other args): `--config FILE`, else a workdir's config.json, else `base`; then `--config.*`."""
     path, overrides, rest = config_lib.split_config_args(argv)
     if path is not None:
         config = config_lib.load_config_file(path)
     elif workdir_config is not None:
         config = config_lib.from_json_file(workdir_config)
+    elif base is not None:
+        config = base
     else:
         raise UserError("--config FILE is required")
     for key, value in overrides:

@@ -94,3 +94,41 @@ def predict(eval_step, params, features, config, mesh, task, pad_id: int) -> np.
             out = np.zeros((len(features),) + logits.shape[1:], dtype=np.float32)
         out[idx] = logits[:len(idx)]
     return out
+
+
+def restore_params(workdir: Path, config, params_template: dict, mesh, which: str = "best") -> tuple[dict, int]:
+    """Params of a run's checkpoint (`best` by checkpoint_metric if kept, else `latest`) on `mesh`."""
+    from jaxsft import optim
+    from jaxsft.checkpoint import Checkpoints, abstract
+
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise UserError(f"--workdir {workdir}: no checkpoints/ folder; has the run saved a checkpoint yet?")
+    ckpts = Checkpoints(directory, metric=config.checkpoint_metric, mode=config.checkpoint_mode or "max",
+                        read_only=True)
+    steps = ckpts.steps()
+    if not steps:
+        raise UserError(f"--workdir {workdir}: no checkpoint in {directory}")
+    step = ckpts.best_step() if which == "best" else steps[-1]
+    tx, _ = optim.make_optimizer(config, 1)
+    rep = parallel.replicated(mesh)
+    params = jax.device_put(params_template, rep)
+    target = abstract({"params": params, "opt_state": jax.eval_shape(tx.init, params)})
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), target)
+    state, _ = ckpts.restore(step, target)
+    ckpts.close()
+    return state["params"], step
+
+
+def workdir_model(workdir: Path, config):
+    """(Functional, flat param template, hf_config, tokenizer) rebuilt from W/hf and W/config.json alone."""
+    from flax import nnx
+
+    from jaxsft.models import Functional, build_model, compute_dtype, flatten_state
+
+    hf_dir = Path(workdir) / "hf"
+    hf_config = load_hf_config(hf_dir, "--workdir")
+    tokenizer = load_tokenizer(hf_dir, "--workdir")
+    model = build_model(hf_config, config.task, compute_dtype(config.dtype), config.seed)
+    template = flatten_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return Functional(model), template, hf_config, tokenizer

@@ -1,0 +1,93 @@
+"""Evaluate a run's checkpoint (or an HF folder) and print its metrics as one JSON object, last on stdout.
+
+    python -m jaxsft.evaluate --workdir W [--config.data.eval=FILE] [--predictions FILE]
+    python -m jaxsft.evaluate --model HF_DIR --config.data.eval=FILE [--config configs/X.py] [--predictions FILE]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from jaxsft import cli
+from jaxsft.config import split_config_args
+from jaxsft.defaults import base_config
+from jaxsft.errors import UserError, run_cli
+
+log = logging.getLogger("jaxsft")
+
+
+def _hf_folder_model(config, folder: str):
+    """An HF classification folder: labels from its id2label unless data.label_names says otherwise."""
+    from jaxsft import hf_io, pipeline
+    from jaxsft.models import Functional, build_model, compute_dtype, load_weights, report_load
+
+    path = hf_io.resolve(folder)
+    hf_config = pipeline.load_hf_config(path, "--model")
+    tokenizer = pipeline.load_tokenizer(path, "--model")
+    config.model.name_or_path = str(folder)
+    config.model.num_labels = config.model.num_labels or hf_config.num_labels
+    if not config.data.label_names and config.model.num_labels > 1:
+        id2label = {int(k): v for k, v in hf_config.id2label.items()}
+        config.data.label_names = [id2label[i] for i in range(config.model.num_labels)]
+    hf_config.num_labels = config.model.num_labels
+    model = build_model(hf_config, config.task, compute_dtype(config.dtype), config.seed)
+    params, report = load_weights(model, hf_io.read_weights(path), str(folder))
+    report_load(report, type(model).__name__, str(folder))
+    return Functional(model), params, tokenizer
+
+
+def main(argv: list[str]) -> int:
+    p = cli.parser("jaxsft.evaluate", __doc__)
+    p.add_argument("--workdir", help="a jaxsft run folder")
+    p.add_argument("--model", help="an HF folder or hub id to evaluate instead of a workdir")
+    p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    p.add_argument("--predictions", help="write one JSON line per example here")
+    path, _, rest = split_config_args(argv)
+    args = p.parse_args(rest)
+    if bool(args.workdir) == bool(args.model):
+        raise UserError("give exactly one of --workdir W or --model DIR")
+    if args.workdir:
+        config, _ = cli.config_from_args(argv, workdir_config=Path(args.workdir) / "config.json")
+    else:  # an HF folder: the config file if given, else the defaults; overrides on top
+        config, _ = cli.config_from_args(argv, base=None if path else base_config())
+
+    from jaxsft import parallel, pipeline
+    from jaxsft.data.sources import load_source
+
+    task = pipeline.task_module(config)
+    mesh = parallel.make_mesh(config.mesh)
+    if args.workdir:
+        functional, template, _, tokenizer = pipeline.workdir_model(Path(args.workdir), config)
+        ds = load_source(config.data.eval, "data.eval")
+        features = task.featurize(ds, tokenizer, config, "data.eval", config.data.eval, need_labels=False)
+        params, step = pipeline.restore_params(Path(args.workdir), config, template, mesh, args.checkpoint)
+    else:
+        functional, params, tokenizer = _hf_folder_model(config, args.model)
+        ds = load_source(config.data.eval, "data.eval")
+        features = task.featurize(ds, tokenizer, config, "data.eval", config.data.eval, need_labels=False)
+        params, step = jax_put(params, mesh), None
+    eval_step = pipeline.make_eval_step(functional, task, mesh)
+    outputs = pipeline.predict(eval_step, params, features, config, mesh, task, tokenizer.pad_token_id)
+    result = {"step": step, **task.compute_metrics(outputs, features, config), "num_examples": len(features)}
+    if args.predictions:
+        with open(args.predictions, "w") as f:
+            for row in task.prediction_rows(outputs, features, config):
+                f.write(json.dumps(row) + "\n")
+        log.info("wrote %d predictions to %s", len(features), args.predictions)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def jax_put(params, mesh):
+    import jax
+
+    from jaxsft import parallel
+
+    return jax.device_put(params, parallel.replicated(mesh))
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])
