@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -27,6 +28,8 @@ from jaxsft.models import Functional, build_model, compute_dtype, load_weights, 
 from jaxsft.reporting import MetricsWriter, Progress
 
 log = logging.getLogger("jaxsft")
+# Test hook: crash right after this step (and its checkpoint, if one is due), to exercise resume.
+_FAIL_AFTER_STEP = int(os.environ.get("JAXSFT_FAIL_AFTER_STEP", "-1"))
 
 
 def validate(config) -> None:
@@ -57,8 +60,6 @@ def check_workdir(workdir: Path) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise UserError(f"--workdir {workdir}: {parent} is a file, so the folder cannot be created")
-    import os
-
     if not os.access(parent, os.W_OK):
         raise UserError(f"--workdir {workdir}: {parent} is not writable")
 
@@ -250,9 +251,11 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                         "acc_count": acc_count, "eval_metrics": last_metrics}
                 ckpts.save(step, state, meta, last_metrics)
                 t_log = time.time()
+            if step == _FAIL_AFTER_STEP:
+                raise RuntimeError(f"injected failure after step {step} (JAXSFT_FAIL_AFTER_STEP)")
         epoch, batch_in_epoch = epoch + 1, 0
     progress.close()
     ckpts.close()
-    final = {"step": step, **last_metrics}
+    final = {"step": step, **last_metrics, "train_step_compilations": train_step._cache_size()}
     log.info("done: %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in final.items()})
     return final

