@@ -92,8 +92,8 @@ def label_ids(values: list, config, key: str) -> np.ndarray:
         elif v in index:
             out[i] = index[v]
         else:
-            raise UserError(f"{key}: label {v!r} (row {i}) is not in the label set {names}"
-                            + ("" if config.data.label_names else " seen in data.train"))
+            raise UserError(f"{key}: label {v!r} (row {i}) is not in the label set {names} "
+                            "(data.label_names, or the labels seen in data.train)")
     return out
 
 

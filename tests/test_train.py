@@ -1,0 +1,188 @@
+"""The training loop: resume, compile counts, device-count invariance, accumulation, and the CLIs end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, synthetic_rows, write_tsv
+
+from jaxsft import config as config_lib
+from jaxsft import train as train_lib
+from jaxsft.data.batching import BatchPlan, bucket_for, default_buckets
+
+
+def tiny_config(model, train_file, eval_file=None, **overrides):
+    c = config_lib.load_config_file(str(ROOT / "configs" / "classify.py"))
+    c.model.name_or_path = str(model)
+    c.data.train, c.data.eval = str(train_file), str(eval_file or "")
+    c.max_length, c.batch_size, c.learning_rate, c.log_every_steps = 64, 8, 1e-3, 1
+    c.num_epochs, c.warmup_ratio = 1, 0.1
+    for k, v in overrides.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def events(workdir, key):
+    return [json.loads(line) for line in open(workdir / "metrics.jsonl") if key in json.loads(line)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return write_tsv(d / "train.tsv", synthetic_rows(120, 1)), write_tsv(d / "eval.tsv", synthetic_rows(40, 2))
+
+
+def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tiny_bert, data, tmp_path, monkeypatch):
+    kw = dict(max_steps=11, checkpoint_every_steps=3, eval_every_steps=6)
+    full = train_lib.train_and_evaluate(tiny_config(tiny_bert, *data, **kw), tmp_path / "full")
+    monkeypatch.setattr(train_lib, "_FAIL_AFTER_STEP", 8)
+    with pytest.raises(RuntimeError, match="injected failure after step 8"):
+        train_lib.train_and_evaluate(tiny_config(tiny_bert, *data, **kw), tmp_path / "resumed")
+    monkeypatch.setattr(train_lib, "_FAIL_AFTER_STEP", -1)
+    resumed = train_lib.train_and_evaluate(tiny_config(tiny_bert, *data, **kw), tmp_path / "resumed")
+    scores = lambda r: {k: v for k, v in r.items() if k.startswith("eval_") and k != "eval_seconds"}
+    assert scores(resumed) == scores(full) and resumed["step"] == full["step"] == 11
+    want = {e["step"]: e["loss"] for e in events(tmp_path / "full", "loss")}
+    got = {e["step"]: e["loss"] for e in events(tmp_path / "resumed", "loss")}  # later rows win
+    assert got.keys() == want.keys() and all(abs(got[s] - want[s]) < 1e-6 for s in want)
+
+
+def test_loss_accumulator_survives_resume(tiny_bert, data, tmp_path, monkeypatch):
+    # Logging every 4 steps with checkpoints every 3: the mean at step 8 spans the crash at step 6.
+    kw = dict(max_steps=8, checkpoint_every_steps=3, eval_every_steps=100, log_every_steps=4)
+    train_lib.train_and_evaluate(tiny_config(tiny_bert, *data, **kw), tmp_path / "full")
+    monkeypatch.setattr(train_lib, "_FAIL_AFTER_STEP", 6)
+    with pytest.raises(RuntimeError):
+        train_lib.train_and_evaluate(tiny_config(tiny_bert, *data, **kw), tmp_path / "resumed")
+    monkeypatch.setattr(train_lib, "_FAIL_AFTER_STEP", -1)
+    train_lib.train_and_evaluate(tiny_config(tiny_bert, *data, **kw), tmp_path / "resumed")
+    want, got = events(tmp_path / "full", "loss")[-1], events(tmp_path / "resumed", "loss")[-1]
+    assert want["step"] == got["step"] == 8 and abs(want["loss"] - got["loss"]) < 1e-6
+
+
+def test_an_epoch_of_mixed_lengths_compiles_once_per_bucket_used(tiny_bert, data, tmp_path):
+    config = tiny_config(tiny_bert, data[0], None)
+    final = train_lib.train_and_evaluate(config, tmp_path / "w")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    lengths = np.asarray([len(x) for x in tok([r.split("\t")[0] for r in data[0].read_text().splitlines()[1:]],
+                                              truncation=True, max_length=64)["input_ids"]])
+    plan = BatchPlan(lengths, 8, seed=config.seed, shuffle=True)
+    used = {bucket_for(int(lengths[b].max()), default_buckets(64)) for b in plan.epoch(0)}
+    assert len(used) >= 2  # the data really mixes lengths
+    assert 1 <= final["train_step_compilations"] <= len(used)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_bert_no_dropout, data, tmp_path):
+    one = train_lib.train_and_evaluate(tiny_config(tiny_bert_no_dropout, *data, max_steps=4), tmp_path / "a")
+    acc = train_lib.train_and_evaluate(tiny_config(tiny_bert_no_dropout, *data, max_steps=4,
+                                                   gradient_accumulation_steps=2), tmp_path / "b")
+    assert abs(one["eval_loss"] - acc["eval_loss"]) < 1e-5
+    la, lb = events(tmp_path / "a", "loss"), events(tmp_path / "b", "loss")
+    assert all(abs(x["loss"] - y["loss"]) < 1e-5 for x, y in zip(la, lb))
+
+
+def test_bfloat16_compute_trains_with_float32_master_weights(tiny_bert, data, tmp_path):
+    final = train_lib.train_and_evaluate(tiny_config(tiny_bert, *data, max_steps=3, dtype="bfloat16"),
+                                         tmp_path / "w")
+    assert np.isfinite(final["eval_loss"])
+    import orbax.checkpoint as ocp
+
+    from jaxsft.checkpoint import Checkpoints
+
+    ck = Checkpoints(tmp_path / "w" / "checkpoints", read_only=True)
+    saved = ck.manager.restore(ck.steps()[-1], args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    assert {str(v.dtype) for v in saved["state"]["params"].values()} == {"float32"}
+
+
+def run_cli(module, *args, env_extra=None, check=True):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def cli_args(model, train, evals, workdir, *extra):
+    return ["--config", "configs/classify.py", "--workdir", workdir, f"--config.model.name_or_path={model}",
+            f"--config.data.train={train}", f"--config.data.eval={evals}", "--config.max_length=64",
+            "--config.learning_rate=1e-3", "--config.log_every_steps=1", *extra]
+
+
+def test_one_and_eight_devices_train_to_the_same_loss(tiny_bert, data, tmp_path):
+    losses = {}
+    for n in (1, 8):
+        run_cli("jaxsft.run", *cli_args(tiny_bert, *data, tmp_path / f"d{n}", "--config.max_steps=6",
+                                        "--config.batch_size=16"),
+                env_extra={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+        env = json.loads((tmp_path / f"d{n}" / "environment.json").read_text())
+        assert len(env["devices"]) == n
+        losses[n] = [e["loss"] for e in events(tmp_path / f"d{n}", "loss")]
+    assert len(losses[1]) == 6
+    np.testing.assert_allclose(losses[8], losses[1], atol=1e-5, rtol=0)
+
+
+def test_evaluate_reproduces_training_eval_and_export_agrees_with_transformers(tiny_bert, data, tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    w = tmp_path / "w"
+    run_cli("jaxsft.run", *cli_args(tiny_bert, *data, w, "--config.num_epochs=2", "--config.batch_size=8"))
+    assert {p.name for p in w.iterdir()} >= {"config.json", "hf", "checkpoints", "metrics.jsonl"}
+    train_ev, eval_ev = events(w, "loss"), events(w, "eval_accuracy")
+    assert all({"learning_rate", "grad_norm", "examples_per_second"} <= e.keys() for e in train_ev)
+    assert all({"eval_loss", "eval_f1", "eval_mcc"} <= e.keys() for e in eval_ev)
+    best = max(eval_ev, key=lambda e: (e["eval_accuracy"], e["step"]))
+    proc = run_cli("jaxsft.evaluate", "--workdir", w, "--predictions", tmp_path / "pred.jsonl")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["step"] == best["step"]
+    for k in ("eval_loss", "eval_accuracy", "eval_f1", "eval_mcc"):
+        assert result[k] == best[k], k  # exactly equal, not approximately
+    preds = [json.loads(line) for line in open(tmp_path / "pred.jsonl")]
+    assert len(preds) == 40 and {"index", "label", "pred_id", "pred_label", "probabilities"} <= preds[0].keys()
+
+    run_cli("jaxsft.export", "--workdir", w, "--output", tmp_path / "hf")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    texts = [line.split("\t")[0] for line in data[1].read_text().splitlines()[1:]]
+    with torch.no_grad():
+        logits = model(**tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")).logits
+    probs = torch.softmax(logits, -1).numpy()
+    np.testing.assert_allclose(probs, [p["probabilities"] for p in preds], atol=1e-4)
+    assert [p["pred_id"] for p in preds] == probs.argmax(-1).tolist()
+
+    # An unlabelled file is predicted, not scored.
+    write_tsv(tmp_path / "nolabel.tsv", [(t,) for t in texts[:5]], header=("sentence",))
+    proc = run_cli("jaxsft.evaluate", "--workdir", w, "--config.data.eval", tmp_path / "nolabel.tsv",
+                   "--predictions", tmp_path / "p2.jsonl")
+    assert "eval_accuracy" not in json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [json.loads(line)["pred_id"] for line in open(tmp_path / "p2.jsonl")] == probs.argmax(-1)[:5].tolist()
+
+    # An HF folder evaluates directly, with the same numbers as the workdir's checkpoint.
+    proc = run_cli("jaxsft.evaluate", "--model", tmp_path / "hf", "--config.data.eval", data[1],
+                   "--config.max_length=64")
+    hf_result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert abs(hf_result["eval_accuracy"] - result["eval_accuracy"]) < 1e-9
+    assert abs(hf_result["eval_loss"] - result["eval_loss"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_default_job_reaches_80_percent_eval_accuracy(tmp_path):
+    from conftest import minilm_path
+
+    minilm_path()
+    proc = run_cli("jaxsft.run", "--config", "configs/classify.py", "--workdir", tmp_path / "w")
+    final = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert final["eval_accuracy"] >= 0.80, final
