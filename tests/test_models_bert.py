@@ -115,3 +115,13 @@ def test_export_round_trip_loads_in_transformers_with_equal_logits(fixture, requ
     again, _, _ = jax_logits(tmp_path, ids, mask)
     np.testing.assert_allclose(again, ref, atol=1e-4, rtol=0)
     assert np.abs(again - ours).max() > 1e-3  # the perturbation really travelled
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    from jaxsft.errors import UserError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="cannot get 'no-such-org/no-such-model' from the Hugging Face hub"):
+        hf_io.resolve("no-such-org/no-such-model")
+    with pytest.raises(UserError, match="folder not found"):
+        hf_io.resolve("./no/such/folder")
