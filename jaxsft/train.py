@@ -142,10 +142,6 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     hf_config = pipeline.load_hf_config(folder, "model.name_or_path")
     tokenizer = pipeline.load_tokenizer(folder, "model.name_or_path")
     train_ds = load_source(config.data.train, "data.train")
-    if config.data.label_field not in train_ds.column_names:
-        from jaxsft.data.sources import require_columns
-
-        require_columns(train_ds, [config.data.label_field], "data.train", config.data.train, "data.label_field")
     task.resolve_labels(config, train_ds)
     train = task.featurize(train_ds, tokenizer, config, "data.train", config.data.train, need_labels=True)
     evals = None

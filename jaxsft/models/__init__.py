@@ -55,8 +55,7 @@ class Functional:
     """The NNX graph of a model, applied to a flat parameter dict (pure, so it can live under jit)."""
 
     def __init__(self, model: nnx.Module):
-        self.graphdef, state = nnx.split(model)
-        self.model_class = type(model).__name__
+        self.graphdef, _ = nnx.split(model)
 
     def apply(self, params: dict, *args, **kwargs):
         return nnx.merge(self.graphdef, unflatten(params))(*args, **kwargs)

@@ -49,6 +49,7 @@ def _label_kind(values: list, key: str):
 def resolve_labels(config, train_ds) -> None:
     """Fills `model.num_labels` and `data.label_names` from the training labels (the rules in the README)."""
     d = config.data
+    require_columns(train_ds, [d.label_field], "data.train", d.train, "data.label_field")
     values = train_ds[d.label_field]
     for i, v in enumerate(values):
         if v is None or (isinstance(v, str) and not v.strip()):
