@@ -17,11 +17,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # .tsv .csv .json .jsonl .parquet, or an HF dataset spec such as glue/sst2:train
     c.data.eval = ""
+    c.data.eval_fraction = 0.0  # > 0 and no data.eval: hold out this share of data.train (seeded) for evaluation
     c.data.text_fields = ["sentence"]  # one name, or two for sentence pairs
     c.data.label_field = "label"
     c.data.label_names = config_dict.placeholder(list)
     c.data.buckets = config_dict.placeholder(list)  # padded lengths; None: powers of two up to max_length
     c.data.group_by_length = True  # batch examples of similar length together (less padding)
+    # causal_lm (SFT) data: the format is detected from the fields (text | prompt+completion |
+    # instruction+input+output | messages) unless data.format names one.
+    c.data.format = config_dict.placeholder(str)  # None: auto; text | prompt_completion | alpaca | messages
+    c.data.packing = True  # causal_lm: several examples per max_length row (segment ids); False pads instead
+    c.data.train_on_prompt = False  # causal_lm: also put loss on prompt / non-assistant tokens
+    c.data.chat_template = config_dict.placeholder(str)  # a Jinja chat template when the tokenizer has none
 
     c.max_length = 128
     c.batch_size = 32  # global, over all devices and accumulation steps
@@ -46,6 +53,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2  # the newest N, plus the best by checkpoint_metric
     c.checkpoint_metric = config_dict.placeholder(str)  # None: the task's (eval_accuracy for classification)
     c.checkpoint_mode = config_dict.placeholder(str)  # max | min; None: the task's
+
+    # LoRA (causal_lm and classification): rank 0 = off, full fine-tuning.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0
+    c.lora.dropout = 0.0
+    c.lora.target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]  # regexes matched against module paths
 
     c.seed = 42
     c.dtype = "float32"  # compute dtype; master weights stay float32

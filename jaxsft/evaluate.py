@@ -28,11 +28,12 @@ def _hf_folder_model(config, folder: str):
     hf_config = pipeline.load_hf_config(path, "--model")
     tokenizer = pipeline.load_tokenizer(path, "--model")
     config.model.name_or_path = str(folder)
-    config.model.num_labels = config.model.num_labels or hf_config.num_labels
-    if not config.data.label_names and config.model.num_labels > 1:
-        id2label = {int(k): v for k, v in hf_config.id2label.items()}
-        config.data.label_names = [id2label[i] for i in range(config.model.num_labels)]
-    hf_config.num_labels = config.model.num_labels
+    if config.task == "classification":
+        config.model.num_labels = config.model.num_labels or hf_config.num_labels
+        if not config.data.label_names and config.model.num_labels > 1:
+            id2label = {int(k): v for k, v in hf_config.id2label.items()}
+            config.data.label_names = [id2label[i] for i in range(config.model.num_labels)]
+        hf_config.num_labels = config.model.num_labels
     model = build_model(hf_config, config.task, compute_dtype(config.dtype), config.seed)
     params, report = load_weights(model, hf_io.read_weights(path), str(folder))
     report_load(report, type(model).__name__, str(folder))
@@ -45,6 +46,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--model", help="an HF folder or hub id to evaluate instead of a workdir")
     p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
     p.add_argument("--predictions", help="write one JSON line per example here")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="causal_lm predictions: greedy tokens per prompt")
     path, _, rest = split_config_args(argv)
     args = p.parse_args(rest)
     if bool(args.workdir) == bool(args.model):
@@ -55,30 +57,58 @@ def main(argv: list[str]) -> int:
         config, _ = cli.config_from_args(argv, base=None if path else base_config())
 
     from jaxsft import parallel, pipeline
-    from jaxsft.data.sources import load_source
 
     task = pipeline.task_module(config)
     mesh = parallel.make_mesh(config.mesh)
     if args.workdir:
         functional, template, _, tokenizer = pipeline.workdir_model(Path(args.workdir), config)
-        ds = load_source(config.data.eval, "data.eval")
+        _, ds = pipeline.load_splits(config, need_train=False)
+        if ds is None:
+            raise UserError("no evaluation data: set --config.data.eval=FILE")
         features = task.featurize(ds, tokenizer, config, "data.eval", config.data.eval, need_labels=False)
-        params, step = pipeline.restore_params(Path(args.workdir), config, template, mesh, args.checkpoint)
+        params, step = pipeline.restore_params(Path(args.workdir), config, template, mesh, args.checkpoint,
+                                               functional.trainable)
     else:
         functional, params, tokenizer = _hf_folder_model(config, args.model)
-        ds = load_source(config.data.eval, "data.eval")
+        _, ds = pipeline.load_splits(config, need_train=False)
+        if ds is None:
+            raise UserError("no evaluation data: set --config.data.eval=FILE")
         features = task.featurize(ds, tokenizer, config, "data.eval", config.data.eval, need_labels=False)
         params, step = jax_put(params, mesh), None
     eval_step = pipeline.make_eval_step(functional, task, mesh)
     outputs = pipeline.predict(eval_step, params, features, config, mesh, task, tokenizer.pad_token_id)
-    result = {"step": step, **task.compute_metrics(outputs, features, config), "num_examples": len(features)}
+    result = {"step": step, **task.compute_metrics(outputs, features, config),
+              "num_examples": getattr(features, "num_examples", len(features))}
     if args.predictions:
+        rows = generated_rows(functional, params, features, config, tokenizer, args) \
+            if config.task == "causal_lm" else task.prediction_rows(outputs, features, config)
         with open(args.predictions, "w") as f:
-            for row in task.prediction_rows(outputs, features, config):
+            for row in rows:
                 f.write(json.dumps(row) + "\n")
         log.info("wrote %d predictions to %s", len(features), args.predictions)
     print(json.dumps(result), flush=True)
     return 0
+
+
+def generated_rows(functional, params, features, config, tokenizer, args) -> list[dict]:
+    """causal_lm: greedy completions of every eval prompt beside its reference."""
+    from jaxsft import decoding
+    from jaxsft.models import compute_dtype
+    from jaxsft.tasks import causal_lm
+
+    folder = Path(args.workdir) / "hf" if args.workdir else Path(args.model)
+    eos = decoding.eos_ids_for(folder, tokenizer)
+    fn = decoding.make_generate_fn(functional, decoding.Sampling(args.max_new_tokens), eos, tokenizer.pad_token_id,
+                                   compute_dtype(config.dtype))
+    ids = [causal_lm.encode_prompt(tokenizer, config, p) for p in features.prompts]
+    todo = [i for i, x in enumerate(ids) if x]  # `text` data has no prompt to continue
+    outs = dict(zip(todo, decoding.generate(fn, params, [ids[i] for i in todo],
+                                            batch_size=config.eval_batch_size or config.batch_size,
+                                            pad_id=tokenizer.pad_token_id, max_prompt=config.max_length)))
+    return [{"prompt": p, "completion": tokenizer.decode(decoding.cut_at_eos(outs.get(i, []), eos,
+                                                                             tokenizer.pad_token_id),
+                                                         skip_special_tokens=True), "reference": r}
+            for i, (p, r) in enumerate(zip(features.prompts, features.references))]
 
 
 def jax_put(params, mesh):

@@ -1,11 +1,17 @@
 """Export a run's checkpoint as an HF folder (safetensors + config + tokenizer) that transformers loads.
 
     python -m jaxsft.export --workdir W --output DIR [--checkpoint best|latest] [--dtype float32|bfloat16]
+                            [--adapters_only]
+
+A LoRA run is exported with its adapters merged into the base weights, or with `--adapters_only` as a PEFT
+adapter folder (adapter_config.json + adapter_model.safetensors) for `peft.PeftModel.from_pretrained(base, DIR)`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,6 +19,7 @@ import numpy as np
 
 from jaxsft import cli
 from jaxsft.errors import UserError, run_cli
+from jaxsft.models import lora
 
 log = logging.getLogger("jaxsft")
 
@@ -23,6 +30,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--output", required=True, help="folder to write (must not exist or be empty)")
     p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--adapters_only", action="store_true", help="LoRA runs: write the adapters in PEFT's format")
     args = p.parse_args(argv)
     out = Path(args.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -36,16 +44,53 @@ def main(argv: list[str]) -> int:
     from jaxsft.models.registry import family_for
 
     mesh = parallel.make_mesh(config.mesh)
-    _, template, hf_config, tokenizer = pipeline.workdir_model(Path(args.workdir), config)
-    params, step = pipeline.restore_params(Path(args.workdir), config, template, mesh, args.checkpoint)
+    functional, template, hf_config, tokenizer = pipeline.workdir_model(Path(args.workdir), config)
+    params, step = pipeline.restore_params(Path(args.workdir), config, template, mesh, args.checkpoint,
+                                           functional.trainable)
     dtype = np.float32 if args.dtype == "float32" else ml_dtypes.bfloat16
     hf_config.architectures = [family_for(hf_config).hf_architecture(hf_config, config.task)]
+    if args.adapters_only:
+        if not functional.lora_scales:
+            raise UserError(f"--adapters_only: the run in {args.workdir} did not train LoRA adapters "
+                            "(config.lora.rank is 0)")
+        out.mkdir(parents=True, exist_ok=True)
+        write_peft_adapters(params, functional, config, hf_config, out, dtype)
+        log.info("exported the LoRA adapters of step %d of %s to %s (PEFT format)", step, args.workdir, out)
+        return 0
+    if functional.lora_scales:
+        params = lora.merge(params, functional.lora_scales)
     out.mkdir(parents=True, exist_ok=True)
     hf_io.write_safetensors(to_hf_weights(params, dtype), out)
     hf_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    gen = Path(args.workdir) / "hf" / "generation_config.json"
+    if gen.is_file():
+        shutil.copy(gen, out / "generation_config.json")
     log.info("exported step %d of %s to %s (%s)", step, args.workdir, out, hf_config.architectures[0])
     return 0
+
+
+def write_peft_adapters(params, functional, config, hf_config, out: Path, dtype) -> None:
+    """adapter_model.safetensors with PEFT's names (`base_model.model.<module>.lora_A.weight`) + adapter_config."""
+    from jaxsft import hf_io
+    from jaxsft.models import to_hf_weights
+
+    adapters = {k: v for k, v in params.items() if lora.is_adapter(k)}
+    head = {} if config.task != "classification" else {
+        k: v for k, v in params.items() if functional.trainable and functional.trainable(k) and not lora.is_adapter(k)}
+    weights = {f"base_model.model.{k}": v for k, v in to_hf_weights({**adapters, **head}, dtype).items()}
+    hf_io.write_safetensors(weights, out, filename="adapter_model.safetensors")
+    modules = sorted({m.rsplit(".", 1)[-1] for m in functional.lora_scales})
+    conv1d = any(f"{m}.weight" in params for m in functional.lora_scales)  # GPT-2's Conv1D: (in, out) weights
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if config.task == "causal_lm" else "SEQ_CLS",
+        "base_model_name_or_path": str(config.model.name_or_path), "r": int(config.lora.rank),
+        "lora_alpha": float(config.lora.alpha), "lora_dropout": float(config.lora.dropout),
+        "target_modules": modules,
+        "bias": "none", "fan_in_fan_out": conv1d, "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": sorted({k.split(".")[0] for k in head}) or None,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -124,13 +124,12 @@ def _deep_merge(dst: dict, src: dict) -> None:
             dst[k] = v
 
 
-def write_safetensors(weights: dict[str, np.ndarray], folder: Path) -> None:
+def write_safetensors(weights: dict[str, np.ndarray], folder: Path, filename: str = "model.safetensors") -> None:
     """Writes `model.safetensors` (PyTorch names and layout) with the metadata transformers expects."""
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, folder / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, folder / filename, metadata={"format": "pt"})
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:

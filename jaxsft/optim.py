@@ -8,8 +8,6 @@ import optax
 
 from jaxsft.errors import UserError
 
-NO_DECAY_LEAVES = ("bias", "scale")  # biases and LayerNorm/RMSNorm weights, as HF Trainer excludes them
-
 
 def warmup_steps(config, total_steps: int) -> int:
     if config.warmup_steps and config.warmup_steps > 0:
@@ -29,7 +27,8 @@ def schedule(config, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: dict) -> dict:
-    return {k: k.rsplit(".", 1)[-1] not in NO_DECAY_LEAVES for k in params}
+    """Weight decay on matrices only: biases and LayerNorm/RMSNorm weights are excluded, as HF Trainer does."""
+    return {k: getattr(v, "ndim", 0) >= 2 for k, v in params.items()}
 
 
 def make_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -12,17 +12,36 @@ import numpy as np
 from jaxsft import parallel
 from jaxsft.data.batching import BatchPlan, default_buckets
 from jaxsft.errors import UserError
-from jaxsft.tasks import classification
 
 log = logging.getLogger("jaxsft")
 
-TASKS = {"classification": classification}
+TASKS = ("classification", "causal_lm")
 
 
 def task_module(config):
     if config.task not in TASKS:
         raise UserError(f"config.task: {config.task!r} is not one of {', '.join(TASKS)}")
-    return TASKS[config.task]
+    import importlib
+
+    return importlib.import_module(f"jaxsft.tasks.{config.task}")
+
+
+def load_splits(config, *, need_train: bool = True):
+    """(train, eval) datasets: data.eval if set, else a seeded `data.eval_fraction` hold-out of data.train."""
+    from jaxsft.data.sources import load_source
+
+    frac = config.data.eval_fraction or 0.0
+    if not 0.0 <= frac < 1.0:
+        raise UserError(f"config.data.eval_fraction must be in [0, 1), got {frac}")
+    train = load_source(config.data.train, "data.train") if need_train or (frac and not config.data.eval) else None
+    if config.data.eval:
+        return train, load_source(config.data.eval, "data.eval")
+    if frac > 0:
+        if len(train) < 2:
+            raise UserError(f"data.train: {len(train)} example(s) cannot be split by data.eval_fraction={frac}")
+        parts = train.train_test_split(test_size=frac, seed=config.seed, shuffle=True)
+        return parts["train"], parts["test"]
+    return train, None
 
 
 def load_hf_config(folder: Path, source: str):
@@ -59,15 +78,6 @@ def buckets(config) -> list[int]:
     return default_buckets(config.max_length)
 
 
-def set_label_config(hf_config, config, task) -> None:
-    """Puts num_labels / id2label / label2id / problem_type on the HF config, as transformers would."""
-    labels = task.id2label(config)
-    hf_config.num_labels = config.model.num_labels
-    hf_config.id2label = labels
-    hf_config.label2id = {v: k for k, v in labels.items()}
-    hf_config.problem_type = "regression" if config.model.num_labels == 1 else "single_label_classification"
-
-
 def eval_batch_size(config, mesh) -> int:
     bs = config.eval_batch_size or config.batch_size
     shards = parallel.data_shards(mesh)
@@ -76,14 +86,14 @@ def eval_batch_size(config, mesh) -> int:
 
 def make_eval_step(functional, task, mesh):
     def step(params, batch):
-        return task.forward(functional.apply, params, batch)
+        return task.eval_outputs(task.forward(functional.apply, params, batch), batch)
 
     return jax.jit(step, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
                    out_shardings=parallel.replicated(mesh))
 
 
 def predict(eval_step, params, features, config, mesh, task, pad_id: int) -> np.ndarray:
-    """Model outputs for every example, in the data's order (batches are length-sorted, fixed-shape)."""
+    """The task's eval outputs for every row, in the data's order (batches are length-sorted, fixed-shape)."""
     bs = eval_batch_size(config, mesh)
     plan = BatchPlan(features.lengths, bs, seed=0, shuffle=False, group_by_length=True)
     collate = partial(task.collate, features, batch_size=bs, buckets=buckets(config), pad_id=pad_id)
@@ -96,8 +106,10 @@ def predict(eval_step, params, features, config, mesh, task, pad_id: int) -> np.
     return out
 
 
-def restore_params(workdir: Path, config, params_template: dict, mesh, which: str = "best") -> tuple[dict, int]:
-    """Params of a run's checkpoint (`best` by checkpoint_metric if kept, else `latest`) on `mesh`."""
+def restore_params(workdir: Path, config, params_template: dict, mesh, which: str = "best",
+                   trainable=None) -> tuple[dict, int]:
+    """Params of a run's checkpoint (`best` by checkpoint_metric if kept, else `latest`) on `mesh`;
+    `trainable` is the LoRA split predicate the run trained with (None: full fine-tuning)."""
     from jaxsft import optim
     from jaxsft.checkpoint import Checkpoints, abstract
 
@@ -112,23 +124,51 @@ def restore_params(workdir: Path, config, params_template: dict, mesh, which: st
     step = ckpts.best_step() if which == "best" else steps[-1]
     tx, _ = optim.make_optimizer(config, 1)
     rep = parallel.replicated(mesh)
-    params = jax.device_put(params_template, rep)
-    target = abstract({"params": params, "opt_state": jax.eval_shape(tx.init, params)})
+    train_p, frozen = split_trainable(params_template, trainable)
+    target = abstract(train_state(train_p, frozen, jax.eval_shape(tx.init, train_p)))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), target)
     state, _ = ckpts.restore(step, target)
     ckpts.close()
-    return state["params"], step
+    return {**state.get("frozen", {}), **state["params"]}, step
+
+
+def train_state(params: dict, frozen: dict, opt_state) -> dict:
+    """The checkpointed training state; frozen (LoRA base) weights ride along so the workdir is self-contained."""
+    state = {"params": params, "opt_state": opt_state}
+    if frozen:
+        state["frozen"] = frozen
+    return state
+
+
+def split_trainable(params: dict, trainable) -> tuple[dict, dict]:
+    """(trainable, frozen) flat dicts; without LoRA everything trains and `frozen` is empty."""
+    if trainable is None:
+        return params, {}
+    return ({k: v for k, v in params.items() if trainable(k)}, {k: v for k, v in params.items() if not trainable(k)})
+
+
+def build(hf_config, config, *, with_lora: bool = True):
+    """The model for this config (adapters injected when lora.rank > 0) and its trainable-path predicate."""
+    from jaxsft.models import build_model, compute_dtype, lora
+
+    model = build_model(hf_config, config.task, compute_dtype(config.dtype), config.seed)
+    if config.lora.rank and config.lora.rank > 0 and with_lora:
+        lora.inject(model, config.lora, config.seed)
+    trainable = lora.trainable_predicate(model, config.task) if config.lora.rank and config.lora.rank > 0 else None
+    return model, trainable
 
 
 def workdir_model(workdir: Path, config):
     """(Functional, flat param template, hf_config, tokenizer) rebuilt from W/hf and W/config.json alone."""
     from flax import nnx
 
-    from jaxsft.models import Functional, build_model, compute_dtype, flatten_state
+    from jaxsft.models import Functional, flatten_state
 
     hf_dir = Path(workdir) / "hf"
     hf_config = load_hf_config(hf_dir, "--workdir")
     tokenizer = load_tokenizer(hf_dir, "--workdir")
-    model = build_model(hf_config, config.task, compute_dtype(config.dtype), config.seed)
+    model, trainable = build(hf_config, config)
     template = flatten_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    return Functional(model), template, hf_config, tokenizer
+    functional = Functional(model)
+    functional.trainable = trainable
+    return functional, template, hf_config, tokenizer

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -16,14 +17,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from jaxsft import config as config_lib
 from jaxsft import hf_io, optim, parallel, pipeline
 from jaxsft.checkpoint import Checkpoints, abstract
 from jaxsft.data.batching import BatchPlan, padding_share
-from jaxsft.data.sources import load_source
 from jaxsft.errors import UserError
-from jaxsft.models import Functional, build_model, compute_dtype, load_weights, report_load
+from jaxsft.models import Functional, compute_dtype, load_weights, report_load
 from jaxsft.reporting import MetricsWriter, Progress
 
 log = logging.getLogger("jaxsft")
@@ -78,48 +79,51 @@ def make_train_step(functional, task, tx, config, mesh):
     k = config.gradient_accumulation_steps
     key = jax.random.key(config.seed)
 
-    def sums(params, batch, rng):
-        logits = task.forward(functional.apply, params, batch, rng)
+    def sums(params, frozen, batch, rng):
+        logits = task.forward(functional.apply, {**frozen, **params}, batch, rng)
         return task.loss(logits, batch, config)
 
     def step(state, batch, step_no):
-        params, opt_state = state["params"], state["opt_state"]
+        params, opt_state, frozen = state["params"], state["opt_state"], state.get("frozen", {})
         rng = jax.random.fold_in(key, step_no)
-        grad_fn = jax.value_and_grad(lambda p, b, r: sums(p, b, r)[0], has_aux=False)
+        grad_fn = jax.value_and_grad(lambda p, b, r: sums(p, frozen, b, r), has_aux=True)
         if k == 1:
-            loss_sum, grads = grad_fn(params, batch, rng)
-            count = batch["weights"].sum()
+            (loss_sum, count), grads = grad_fn(params, batch, rng)
         else:
             # Strided micro-batches keep every device's rows inside each micro-batch.
             micro = jax.tree.map(lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
 
             def body(carry, xs):
                 i, mb = xs
-                ls, g = grad_fn(params, mb, jax.random.fold_in(rng, i))
-                return (carry[0] + ls, jax.tree.map(jnp.add, carry[1], g)), None
+                (ls, n), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+                return (carry[0] + ls, carry[1] + n, jax.tree.map(jnp.add, carry[2], g)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            (loss_sum, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(k), micro))
-            count = batch["weights"].sum()
+            scalar = jnp.zeros((), jnp.float32)
+            (loss_sum, count, grads), _ = jax.lax.scan(body, (scalar, scalar, zeros), (jnp.arange(k), micro))
         grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return {"params": params, "opt_state": opt_state}, {"loss_sum": loss_sum, "count": count,
-                                                            "grad_norm": grad_norm}
+        return pipeline.train_state(params, frozen, opt_state), {"loss_sum": loss_sum, "count": count,
+                                                                 "grad_norm": grad_norm}
 
     rep = parallel.replicated(mesh)
     return jax.jit(step, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=(rep, rep),
                    donate_argnums=(0,))
 
 
-def _write_workdir_files(workdir: Path, config, hf_config, tokenizer) -> None:
+def _write_workdir_files(workdir: Path, config, hf_config, tokenizer, folder: Path) -> None:
     if jax.process_index() != 0:
         return
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
     hf_config.save_pretrained(workdir / "hf")
+    if config.data.chat_template:
+        tokenizer.chat_template = config.data.chat_template
     tokenizer.save_pretrained(workdir / "hf")
+    if (Path(folder) / "generation_config.json").is_file():
+        shutil.copy(Path(folder) / "generation_config.json", workdir / "hf" / "generation_config.json")
     env = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count()}
     (workdir / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
 
@@ -132,7 +136,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     task = pipeline.task_module(config)
     mesh = mesh_for(config)
     if config.checkpoint_metric is None:
-        metric, mode = task.regression_metric if config.model.num_labels == 1 else task.default_metric
+        metric, mode = task.checkpoint_metric(config)
         config.checkpoint_metric = metric
         config.checkpoint_mode = config.checkpoint_mode or mode
     config.checkpoint_mode = config.checkpoint_mode or "max"
@@ -141,22 +145,35 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     folder = hf_io.resolve(config.model.name_or_path)
     hf_config = pipeline.load_hf_config(folder, "model.name_or_path")
     tokenizer = pipeline.load_tokenizer(folder, "model.name_or_path")
-    train_ds = load_source(config.data.train, "data.train")
+    train_ds, eval_ds = pipeline.load_splits(config)
     task.resolve_labels(config, train_ds)
     train = task.featurize(train_ds, tokenizer, config, "data.train", config.data.train, need_labels=True)
     evals = None
-    if config.data.eval:
-        eval_ds = load_source(config.data.eval, "data.eval")
-        evals = task.featurize(eval_ds, tokenizer, config, "data.eval", config.data.eval, need_labels=True)
-    pipeline.set_label_config(hf_config, config, task)
-    model = build_model(hf_config, config.task, compute_dtype(config.dtype), config.seed)
+    if eval_ds is not None:
+        eval_key = "data.eval" if config.data.eval else "data.train (eval_fraction hold-out)"
+        evals = task.featurize(eval_ds, tokenizer, config, eval_key, config.data.eval or config.data.train,
+                               need_labels=True)
+    if hasattr(task, "set_label_config"):
+        task.set_label_config(hf_config, config)
+    model, trainable = pipeline.build(hf_config, config, with_lora=False)
     params, report = load_weights(model, hf_io.read_weights(folder), str(config.model.name_or_path))
     report_load(report, type(model).__name__, str(config.model.name_or_path))
+    if trainable is not None:  # LoRA: adapters join the loaded weights; only they (and a new head) train
+        from jaxsft.models import flatten_state, lora
+
+        adapted = lora.inject(model, config.lora, config.seed)
+        trainable = lora.trainable_predicate(model, config.task)
+        params = {**{k: v for k, v in flatten_state(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()
+                     if lora.is_adapter(k)}, **params}
+        n_train = sum(v.size for k, v in params.items() if trainable(k))
+        log.info("LoRA rank %d on %d layers: %d of %d parameters train (%.2f%%)", config.lora.rank, len(adapted),
+                 n_train, sum(v.size for v in params.values()),
+                 100 * n_train / sum(v.size for v in params.values()))
     functional = Functional(model)
     del model
-    _write_workdir_files(workdir, config, hf_config, tokenizer)
+    _write_workdir_files(workdir, config, hf_config, tokenizer, folder)
     for what, f in (("train", train), ("eval", evals)):
-        if f is not None and (f.num_empty or f.num_truncated):
+        if task.name == "classification" and f is not None and (f.num_empty or f.num_truncated):
             log.info("data.%s: %d empty texts, %d examples cut at max_length=%d", what, f.num_empty,
                      f.num_truncated, config.max_length)
 
@@ -167,7 +184,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     total = config.max_steps if config.max_steps > 0 else config.num_epochs * plan.num_batches
     tx, lr_fn = optim.make_optimizer(config, total)
     rep = parallel.replicated(mesh)
-    state = jax.device_put({"params": params, "opt_state": tx.init(params)}, rep)
+    train_params, frozen = pipeline.split_trainable(params, trainable)
+    state = jax.device_put(pipeline.train_state(train_params, frozen, tx.init(train_params)), rep)
+    del params, train_params, frozen
     train_step = make_train_step(functional, task, tx, config, mesh)
     eval_step = pipeline.make_eval_step(functional, task, mesh)
     pad_id = tokenizer.pad_token_id
@@ -193,7 +212,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         if evals is None:
             return {}
         t0 = time.time()
-        outputs = pipeline.predict(eval_step, state["params"], evals, config, mesh, task, pad_id)
+        outputs = pipeline.predict(eval_step, {**state.get("frozen", {}), **state["params"]}, evals, config, mesh,
+                                   task, pad_id)
         m = task.compute_metrics(outputs, evals, config)
         m["eval_seconds"] = round(time.time() - t0, 3)
         writer.write(step_no, {**m, "epoch": round(step_no / plan.num_batches, 4)})
@@ -202,7 +222,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
 
     progress = Progress(total, step)
     last_metrics: dict = meta.get("eval_metrics", {})
-    t_log, ex_log, pending = time.time(), 0, []
+    t_log, ex_log, tok_log, pending = time.time(), 0, 0, []
     eval_every, ckpt_every = config.eval_every_steps, config.checkpoint_every_steps
     while step < total:
         batches = plan.epoch(epoch)
@@ -213,6 +233,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
             state, out = train_step(state, parallel.to_global(collate(idx), mesh), jnp.int32(step))
             step += 1
             ex_log += len(idx)
+            tok_log += int(train.lengths[idx].sum())
             pending.append(out)
             end_of_epoch = bi + 1 == len(batches)
             epoch_after, batch_after = (epoch + 1, 0) if end_of_epoch else (epoch, bi + 1)
@@ -223,12 +244,13 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                 elapsed = time.time() - t_log
                 row = {"loss": acc_loss / max(acc_count, 1.0), "learning_rate": float(lr_fn(step - 1)),
                        "grad_norm": float(vals[-1]["grad_norm"]), "examples_per_second": ex_log / elapsed,
+                       "tokens_per_second": tok_log / elapsed,
                        "epoch": round(step / plan.num_batches, 4)}
                 writer.write(step, row)
                 progress.update(step, {"loss": row["loss"], "ex/s": round(row["examples_per_second"], 1),
                                        **({config.checkpoint_metric: last_metrics[config.checkpoint_metric]}
                                           if config.checkpoint_metric in last_metrics else {})})
-                acc_loss, acc_count, pending, ex_log, t_log = 0.0, 0.0, [], 0, time.time()
+                acc_loss, acc_count, pending, ex_log, tok_log, t_log = 0.0, 0.0, [], 0, 0, time.time()
             eval_due = (eval_every > 0 and step % eval_every == 0) or (eval_every <= 0 and end_of_epoch) \
                 or step == total
             ckpt_due = (ckpt_every > 0 and step % ckpt_every == 0) or (ckpt_every <= 0 and eval_due) \

@@ -77,3 +77,79 @@ def synthetic_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
         score = sum(w in pos for w in words) - sum(w in neg for w in words)
         rows.append((" ".join(words), "positive" if score >= 0 else "negative"))
     return rows
+
+
+def llm_tokenizer():
+    """An LLM-like fast tokenizer (BOS prepended, EOS separate, pad distinct) from MiniLM's WordPiece vocabulary."""
+    import transformers as tf
+    from tokenizers import processors
+
+    base = tf.AutoTokenizer.from_pretrained(minilm_path())
+    bt = base.backend_tokenizer
+    bt.post_processor = processors.TemplateProcessing(single="[CLS] $A", pair="[CLS] $A $B",
+                                                      special_tokens=[("[CLS]", base.cls_token_id)])
+    return tf.PreTrainedTokenizerFast(tokenizer_object=bt, bos_token="[CLS]", eos_token="[SEP]", pad_token="[PAD]",
+                                      unk_token="[UNK]")
+
+
+def make_tiny_decoder(out: Path, kind: str = "llama", std: float = 0.02, **overrides) -> Path:
+    """A tiny random *ForCausalLM checkpoint (PyTorch, safetensors) with `llm_tokenizer()` and a generation config."""
+    torch = pytest.importorskip("torch")
+    import transformers as tf
+
+    tok = llm_tokenizer()
+    torch.manual_seed(0)
+    small = dict(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                 bos_token_id=tok.bos_token_id, initializer_range=std)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, **small)
+    if kind == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**{**common, **overrides}))
+    elif kind == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(**{**common, "sliding_window": None, **overrides}))
+    elif kind == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**{**common, **overrides}))
+    elif kind == "qwen3":
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**{**common, "head_dim": 16, **overrides}))
+    elif kind == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **small,
+                                                 **overrides))
+    else:
+        raise ValueError(kind)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_decoder(tmp_path_factory.mktemp("tiny_llama"))
+
+
+ALPACA_TASKS = [("Reverse the words", "red green blue", "blue green red"),
+                ("Repeat the word twice", "apple", "apple apple"),
+                ("Name the colour of the sky", "", "the sky is blue"),
+                ("Give the opposite", "hot", "cold"),
+                ("Count to three", "", "one two three")]
+
+
+def alpaca_rows(n: int, seed: int = 0) -> list[dict]:
+    """Synthetic Alpaca-format examples (instruction / input / output) of mixed lengths."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        ins, inp, out = rng.choice(ALPACA_TASKS)
+        extra = " ".join(rng.choice(WORDS) for _ in range(rng.choice([0, 2, 6, 15])))
+        rows.append({"instruction": ins, "input": (inp + " " + extra).strip() if inp else "", "output": out})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -56,9 +56,19 @@ class Functional:
 
     def __init__(self, model: nnx.Module):
         self.graphdef, _ = nnx.split(model)
+        self.trainable = None  # LoRA: predicate over param paths that train (None: all)
+        self.lora_scales = {".".join(map(str, p)): m.lora_scale for p, m in nnx.iter_modules(model)
+                            if hasattr(m, "lora_scale")}
 
     def apply(self, params: dict, *args, **kwargs):
-        return nnx.merge(self.graphdef, unflatten(params))(*args, **kwargs)
+        from jaxsft.models import lora
+
+        with lora.dropout_key(kwargs.get("rng")):
+            return nnx.merge(self.graphdef, unflatten(params))(*args, **kwargs)
+
+    def method(self, params: dict, name: str, *args, **kwargs):
+        """Calls another method of the model (e.g. `init_cache`) on these params."""
+        return getattr(nnx.merge(self.graphdef, unflatten(params)), name)(*args, **kwargs)
 
 
 def hf_name(path: str) -> tuple[str, bool]:

@@ -1,4 +1,5 @@
-"""Pieces every family shares: dense/embedding/norm constructors, activations, dropout, attention dispatch."""
+"""Pieces every family shares: dense/embedding/norm constructors, activations, dropout, rotary embeddings,
+attention masks and dispatch, the KV cache, last-token pooling."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 F32 = jnp.float32
@@ -70,20 +72,241 @@ def sub_rng(rng, *ids: int):
     return rng
 
 
-def attention(q, k, v, mask, *, dropout_rate: float = 0.0, rng=None):
-    """Scaled dot-product attention over (batch, length, heads, head_dim) with a boolean mask.
+def attention(q, k, v, mask, *, dropout_rate: float = 0.0, rng=None, scale: float | None = None,
+              implementation: str | None = None):
+    """Scaled dot-product attention: q (batch, T, heads, head_dim), k/v (batch, S, kv_heads, head_dim), a boolean
+    mask broadcastable to (batch, heads, T, S). Grouped-query attention when kv_heads < heads (K/V not repeated).
 
     Training with attention-probability dropout takes the explicit path (no fused kernel has dropout); otherwise
-    `jax.nn.dot_product_attention` picks the kernel: cuDNN on GPU for half-precision inputs, XLA elsewhere.
+    `jax.nn.dot_product_attention` runs cuDNN on GPU for half-precision inputs and XLA elsewhere, or the kernel
+    named by `implementation` ("xla" | "cudnn").
     """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if rng is not None and dropout_rate > 0.0:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        scores = jnp.einsum("btnh,bsnh->bnts", q, k).astype(F32) * scale
+        b, t, h, d = q.shape
+        kvh = k.shape[2]
+        qg = q.reshape(b, t, kvh, h // kvh, d)  # query head i reads kv head i // (h // kvh), as HF's repeat_kv
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(F32).reshape(b, h, t, -1) * scale
         scores = jnp.where(mask, scores, jnp.finfo(F32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = dropout(probs, dropout_rate, rng).astype(v.dtype)
-        return jnp.einsum("bnts,bsnh->btnh", probs, v)
-    impl = None
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-        impl = "cudnn"
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+        probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, rng).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs.reshape(b, kvh, h // kvh, t, -1), v)
+        return out.reshape(b, t, h, d)
+    if implementation is None and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        implementation = "cudnn"
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32 whatever the activations' dtype; returns the input dtype. Param `scale`."""
+
+    def __init__(self, features: int, *, eps: float):
+        self.scale = nnx.Param(jnp.ones((features,), F32))
+        self.eps = eps
+
+    def __call__(self, x):
+        y = x.astype(F32)
+        y = y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+class Conv1D(nnx.Module):
+    """GPT-2's Conv1D: a dense layer whose `weight` is stored (in, out), so its HF name needs no transpose."""
+
+    def __init__(self, features_in: int, features_out: int, *, dtype, rngs: nnx.Rngs, std: float = 0.02):
+        self.weight = nnx.Param(nnx.initializers.normal(std)(rngs.params(), (features_in, features_out), F32))
+        self.bias = nnx.Param(jnp.zeros((features_out,), F32))
+        self.dtype = dtype
+
+    def __call__(self, x):
+        return x.astype(self.dtype) @ self.weight[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+
+
+# ---- rotary position embeddings -------------------------------------------------------------------------------
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_parameters(cfg) -> dict:
+    """The config's RoPE settings as transformers v5 spells them (`rope_parameters`), also from v4 fields."""
+    params = getattr(cfg, "rope_parameters", None)
+    if params is None:
+        params = dict(getattr(cfg, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    params = dict(params)
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    return params
+
+
+def rotary_inv_freq(params: dict, head_dim: int) -> tuple[float, ...]:
+    """Inverse frequencies of RoPE (default, linear or llama3 scaling), as transformers computes them."""
+    kind = params["rope_type"]
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope type {kind!r}; supported: {', '.join(ROPE_TYPES)}")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported")
+    inv = 1.0 / (np.float32(params["rope_theta"]) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    inv = inv.astype(np.float64)
+    if kind == "linear":
+        inv = inv / params["factor"]
+    elif kind == "llama3":
+        factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+        old_len = params["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv = np.where(medium, smoothed, scaled)
+    return tuple(float(f) for f in inv.astype(np.float32))
+
+
+def rotary_tables(positions, inv_freq: tuple[float, ...]):
+    """(cos, sin), each (batch, T, 1, head_dim / 2) in float32, for `apply_rotary`."""
+    angles = positions[..., None].astype(F32) * jnp.asarray(inv_freq, F32)
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rotary(x, rope):
+    """Rotates (batch, T, heads, head_dim) with `rotary_tables` output, halves layout (HF's rotate_half), in fp32."""
+    cos, sin = rope
+    x1, x2 = jnp.split(x.astype(F32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+# ---- decoder masks, positions, KV cache --------------------------------------------------------------------------
+
+def causal_mask(q_segments, kv_segments, q_index, kv_index, window: int | None = None):
+    """Boolean (batch, 1, T, S): query t sees key s iff both are in the same nonzero segment, s is not later than t
+    and (with a sliding window) closer than `window` slots. Every query also sees its own slot, so padding rows
+    are never empty (no NaN from a kernel; real tokens never see padding)."""
+    qs, ks = q_segments[:, :, None], kv_segments[:, None, :]
+    qi, ki = q_index[:, :, None], kv_index[:, None, :]
+    visible = (qs == ks) & (qs != 0) & (ki <= qi)
+    if window is not None:
+        visible &= ki > qi - window
+    return (visible | (ki == qi))[:, None]
+
+
+def default_positions(attention_mask):
+    """0, 1, 2, ... over real tokens (left padding included): clip(cumsum(mask) - 1, 0)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def segment_positions(segment_ids):
+    """Positions restarting at 0 at each segment start of packed rows."""
+    index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+
+def decoder_context(input_ids, attention_mask, positions, segment_ids, cache_index, cached: bool):
+    """(positions, mask_for(window)) for a causal decoder call.
+
+    Uncached: `segment_ids` (or else `attention_mask`) are the segments, positions default to per-segment ones.
+    Cached: `attention_mask` (batch, max_length) marks valid cache slots; the T new tokens sit in slots
+    [cache_index, cache_index + T) and `positions` must be given.
+    """
+    b, t = input_ids.shape
+    if cached:
+        if positions is None or attention_mask is None or cache_index is None:
+            raise ValueError("decoding with a cache needs positions, cache_index and a (batch, max_length) "
+                             "attention_mask over cache slots")
+        q_seg, kv_seg = jnp.ones((b, t), jnp.int32), attention_mask.astype(jnp.int32)
+        q_idx = (cache_index + jnp.arange(t, dtype=jnp.int32))[None]
+        kv_idx = jnp.arange(attention_mask.shape[1], dtype=jnp.int32)[None]
+    else:
+        if segment_ids is None:
+            seg = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+            positions = default_positions(seg) if positions is None else positions
+        else:
+            seg = segment_ids.astype(jnp.int32)
+            if attention_mask is not None:
+                seg = jnp.where(attention_mask == 0, 0, seg)
+            positions = segment_positions(seg) if positions is None else positions
+        q_seg = kv_seg = seg
+        q_idx = kv_idx = jnp.arange(t, dtype=jnp.int32)[None]
+    return positions.astype(jnp.int32), lambda window=None: causal_mask(q_seg, kv_seg, q_idx, kv_idx, window)
+
+
+def init_kv_cache(num_layers: int, batch_size: int, max_length: int, kv_heads: int, head_dim: int, dtype) -> dict:
+    """Zeros: {"layers.<i>.k" | "layers.<i>.v": (batch, max_length, kv_heads, head_dim)}."""
+    shape = (batch_size, max_length, kv_heads, head_dim)
+    return {f"layers.{i}.{n}": jnp.zeros(shape, dtype) for i in range(num_layers) for n in ("k", "v")}
+
+
+def write_kv(cache: dict, layer: int, k, v, index):
+    """Writes new keys/values at slots [index, index + T) of one layer; returns that layer's full (k, v)."""
+    start = (0, jnp.asarray(index, jnp.int32), 0, 0)
+    ck, cv = cache[f"layers.{layer}.k"], cache[f"layers.{layer}.v"]
+    return (jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start),
+            jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start))
+
+
+def index_positions(input_ids):
+    """0..T-1 in every row, pads included (transformers' default position_ids)."""
+    return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+
+
+def last_token_hidden(hidden, input_ids, pad_token_id: int | None):
+    """Hidden state of the rightmost token that is not `pad_token_id`, as transformers' decoder
+    *ForSequenceClassification pools (the last token when pad_token_id is None, batch size 1 only)."""
+    if pad_token_id is None:
+        if input_ids.shape[0] != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined (config.pad_token_id).")
+        return hidden[:, -1]
+    index = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
+    last = jnp.argmax(index * (input_ids != pad_token_id).astype(jnp.int32), axis=-1)
+    return hidden[jnp.arange(hidden.shape[0]), last]
+
+
+# ---- heads shared by decoder families --------------------------------------------------------------------------
+
+class CausalLM(nnx.Module):
+    """A decoder backbone (attribute `base_prefix`) + `lm_head`; with tied embeddings there is no lm_head and
+    logits = hidden @ (the backbone's `embedding_name` table).T. Families subclass it to name the backbone."""
+
+    base_prefix = ""
+    embedding_name = ""
+
+    def __init__(self, backbone: nnx.Module, cfg, dtype, rngs: nnx.Rngs, *, tied: bool, kv_heads: int,
+                 head_dim: int):
+        setattr(self, self.base_prefix, backbone)
+        self.lm_head = None if tied else dense(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs,
+                                               std=cfg.initializer_range, use_bias=False)
+        self.dtype, self.cache_dims = dtype, (cfg.num_hidden_layers, kv_heads, head_dim)
+
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, rng=None, cache=None,
+                 cache_index=None):
+        """Logits float32 (batch, T, vocab); with a cache, (logits, new_cache)."""
+        backbone = getattr(self, self.base_prefix)
+        hidden, new_cache = backbone(input_ids, attention_mask, positions=positions, segment_ids=segment_ids,
+                                     rng=rng, cache=cache, cache_index=cache_index)
+        if self.lm_head is None:
+            logits = getattr(backbone, self.embedding_name).attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return logits.astype(F32) if cache is None else (logits.astype(F32), new_cache)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
+        """An empty KV cache: {"layers.<i>.k" | "layers.<i>.v": zeros (batch, max_length, kv_heads, head_dim)}."""
+        layers, kv_heads, head_dim = self.cache_dims
+        return init_kv_cache(layers, batch_size, max_length, kv_heads, head_dim, dtype or self.dtype)
+
+
+class LastTokenClassifier(nnx.Module):
+    """A decoder backbone → `score` (no bias) at the last non-pad token, as transformers' decoder
+    *ForSequenceClassification. Positions are 0..T-1, pads included (transformers' default position_ids)."""
+
+    base_prefix = ""
+
+    def __init__(self, backbone: nnx.Module, cfg, dtype, rngs: nnx.Rngs):
+        setattr(self, self.base_prefix, backbone)
+        self.score = dense(cfg.hidden_size, cfg.num_labels, dtype=dtype, rngs=rngs, std=cfg.initializer_range,
+                           use_bias=False)
+        self.pad_token_id = getattr(cfg, "pad_token_id", None)
+
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, rng=None):
+        """Logits float32 (batch, num_labels); token_type_ids are accepted for a uniform interface and ignored."""
+        backbone = getattr(self, self.base_prefix)
+        hidden, _ = backbone(input_ids, attention_mask, positions=index_positions(input_ids), rng=rng)
+        return self.score(last_token_hidden(hidden, input_ids, self.pad_token_id)).astype(F32)

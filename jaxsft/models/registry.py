@@ -5,10 +5,10 @@ from __future__ import annotations
 from types import ModuleType
 
 from jaxsft.errors import UserError
-from jaxsft.models import bert
+from jaxsft.models import bert, decoder, gpt2
 
-FAMILIES: dict[str, ModuleType] = {t: bert for t in bert.MODEL_TYPES}
-TASK_BUILDERS = {"classification": "sequence_classification"}
+FAMILIES: dict[str, ModuleType] = {t: family for family in (bert, decoder, gpt2) for t in family.MODEL_TYPES}
+TASK_BUILDERS = {"classification": "sequence_classification", "causal_lm": "causal_lm"}
 
 
 def family_for(hf_config) -> ModuleType:

@@ -17,8 +17,11 @@ from jaxsft.errors import UserError
 log = logging.getLogger("jaxsft")
 
 name = "classification"
-default_metric = ("eval_accuracy", "max")
-regression_metric = ("eval_loss", "min")
+
+
+def checkpoint_metric(config) -> tuple[str, str]:
+    """The default (checkpoint_metric, checkpoint_mode): accuracy, or loss for regression."""
+    return ("eval_loss", "min") if config.model.num_labels == 1 else ("eval_accuracy", "max")
 
 
 @dataclass
@@ -154,6 +157,11 @@ def loss(logits, batch, config):
     return (per * w).sum(), w.sum()
 
 
+def eval_outputs(logits, batch):
+    """What evaluation keeps per row: the logits (metrics are computed on the host)."""
+    return logits
+
+
 def compute_metrics(outputs: np.ndarray, features: Features, config) -> dict[str, float]:
     if features.labels is None:
         return {}
@@ -186,3 +194,12 @@ def id2label(config) -> dict[int, str]:
     if config.model.num_labels == 1:
         return {0: "LABEL_0"}
     return {i: str(n) for i, n in enumerate(config.data.label_names)}
+
+
+def set_label_config(hf_config, config) -> None:
+    """Puts num_labels / id2label / label2id / problem_type on the HF config, as transformers would."""
+    labels = id2label(config)
+    hf_config.num_labels = config.model.num_labels
+    hf_config.id2label = labels
+    hf_config.label2id = {v: k for k, v in labels.items()}
+    hf_config.problem_type = "regression" if config.model.num_labels == 1 else "single_label_classification"

@@ -1,0 +1,122 @@
+"""Generate completions with a run's checkpoint (or an HF folder): one JSON line per prompt on stdout.
+
+    python -m jaxsft.generate --workdir W --prompt "..." [--prompts FILE] [--max_new_tokens N] [--do_sample]
+        [--temperature T] [--top_k K] [--top_p P] [--seed S] [--template] [--checkpoint best|latest]
+    python -m jaxsft.generate --model HF_DIR --prompt "..."
+
+Without `--template` a prompt is tokenized exactly as `tokenizer(prompt)` does; with it, it is first wrapped the
+way the training data was formatted (the chat template's user turn, or the instruction template). Greedy unless
+`--do_sample`. Generation stops at any EOS id of the checkpoint's generation_config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from jaxsft import cli
+from jaxsft.config import split_config_args
+from jaxsft.errors import UserError, run_cli
+
+log = logging.getLogger("jaxsft")
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise UserError(f"--prompts {path}: no such file")
+        prompts += [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("no prompts: give --prompt TEXT or --prompts FILE (one prompt per line)")
+    return prompts
+
+
+def load(args, argv):
+    """(config, functional, params, tokenizer, folder with generation_config.json)."""
+    import jax
+
+    from jaxsft import hf_io, parallel, pipeline
+    from jaxsft.defaults import base_config
+    from jaxsft.models import Functional, load_weights, report_load
+
+    if args.workdir:
+        config, _ = cli.config_from_args(argv, workdir_config=Path(args.workdir) / "config.json")
+        if config.task != "causal_lm":
+            raise UserError(f"--workdir {args.workdir}: task {config.task!r} does not generate text (causal_lm does)")
+        mesh = parallel.make_mesh(config.mesh)
+        functional, template, _, tokenizer = pipeline.workdir_model(Path(args.workdir), config)
+        params, step = pipeline.restore_params(Path(args.workdir), config, template, mesh, args.checkpoint,
+                                               functional.trainable)
+        log.info("generating with step %d of %s", step, args.workdir)
+        return config, functional, params, tokenizer, Path(args.workdir) / "hf"
+    config, _ = cli.config_from_args(argv, base=base_config())
+    config.task, config.model.name_or_path = "causal_lm", args.model
+    folder = hf_io.resolve(args.model)
+    hf_config = pipeline.load_hf_config(folder, "--model")
+    tokenizer = pipeline.load_tokenizer(folder, "--model")
+    model, _ = pipeline.build(hf_config, config, with_lora=False)
+    params, report = load_weights(model, hf_io.read_weights(folder), str(args.model))
+    report_load(report, type(model).__name__, str(args.model))
+    mesh = parallel.make_mesh(config.mesh)
+    return config, Functional(model), jax.device_put(params, parallel.replicated(mesh)), tokenizer, folder
+
+
+def encode(tokenizer, config, text: str, template: bool) -> list[int]:
+    if not template:
+        return list(tokenizer(text)["input_ids"])
+    from jaxsft.tasks import causal_lm
+
+    return causal_lm.encode_prompt(tokenizer, config, causal_lm.render_prompt(tokenizer, config, text))
+
+
+def main(argv: list[str]) -> int:
+    p = cli.parser("jaxsft.generate", __doc__)
+    p.add_argument("--workdir", help="a jaxsft causal_lm run folder")
+    p.add_argument("--model", help="an HF folder or hub id instead of a workdir")
+    p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="a file with one prompt per line")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--do_sample", action="store_true", help="sample (default: greedy)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--template", action="store_true", help="wrap prompts as the training data was formatted")
+    _, _, rest = split_config_args(argv)
+    args = p.parse_args(rest)
+    if bool(args.workdir) == bool(args.model):
+        raise UserError("give exactly one of --workdir W or --model DIR")
+    if args.max_new_tokens <= 0 or args.batch_size <= 0:
+        raise UserError("--max_new_tokens and --batch_size must be > 0")
+    if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1 and args.top_k >= 0):
+        raise UserError("sampling needs --temperature > 0, 0 < --top_p <= 1 and --top_k >= 0")
+    prompts = read_prompts(args)
+
+    from jaxsft import decoding
+    from jaxsft.models import compute_dtype
+
+    config, functional, params, tokenizer, folder = load(args, argv)
+    eos = decoding.eos_ids_for(folder, tokenizer)
+    sampling = decoding.Sampling(args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p)
+    fn = decoding.make_generate_fn(functional, sampling, eos, tokenizer.pad_token_id, compute_dtype(config.dtype))
+    ids = [encode(tokenizer, config, t, args.template) for t in prompts]
+    for text, x in zip(prompts, ids):
+        if not x:
+            raise UserError(f"prompt {text!r} encodes to no tokens; nothing to continue")
+    outs = decoding.generate(fn, params, ids, batch_size=args.batch_size, pad_id=tokenizer.pad_token_id,
+                             max_prompt=config.max_length, seed=args.seed)
+    for text, toks in zip(prompts, outs):
+        completion = tokenizer.decode(decoding.cut_at_eos(toks, eos, tokenizer.pad_token_id),
+                                      skip_special_tokens=True)
+        print(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])

@@ -1,0 +1,187 @@
+"""Llama-style decoder LLMs (Llama 1/2/3, Mistral, Qwen2/2.5, Qwen3): one NNX implementation set by the HF config.
+
+The families differ only in switches read from the config: q/k/v (and o) biases, per-head q/k RMSNorm (Qwen3),
+sliding-window layers (Mistral; Qwen2/3 `layer_types`), the RoPE variant (default, linear, llama3) and tied
+embeddings. Attribute names mirror transformers' modules, so parameter paths are the HF names (see bert.py).
+A sliding window is applied exactly (by slot distance, as transformers' mask does), not ignored.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsft.models.layers import (
+    CausalLM,
+    LastTokenClassifier,
+    RMSNorm,
+    activation,
+    apply_rotary,
+    attention,
+    decoder_context,
+    dense,
+    embed,
+    rope_parameters,
+    rotary_inv_freq,
+    rotary_tables,
+    sub_rng,
+    write_kv,
+)
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURE_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+
+def head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def kv_heads(cfg) -> int:
+    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+
+
+def attention_biases(cfg) -> tuple[bool, bool]:
+    """(q/k/v projections have a bias, o_proj has a bias) as each family's attention module decides."""
+    if cfg.model_type == "qwen2":
+        return True, False
+    if cfg.model_type == "mistral":
+        return False, False
+    bias = bool(getattr(cfg, "attention_bias", False))
+    return bias, bias
+
+
+def layer_windows(cfg) -> list[int | None]:
+    """Sliding-window size per layer (None: full causal attention)."""
+    n, window = cfg.num_hidden_layers, getattr(cfg, "sliding_window", None)
+    if cfg.model_type == "mistral":
+        return [window] * n
+    types = getattr(cfg, "layer_types", None)
+    if cfg.model_type in ("qwen2", "qwen3") and types:
+        return [window if kind == "sliding_attention" else None for kind in types[:n]]
+    return [None] * n
+
+
+class DecoderAttention(nnx.Module):
+    def __init__(self, cfg, dtype, rngs: nnx.Rngs):
+        d, std, hd = cfg.hidden_size, cfg.initializer_range, head_dim(cfg)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, kv_heads(cfg), hd
+        qkv_bias, o_bias = attention_biases(cfg)
+        self.q_proj = dense(d, self.num_heads * hd, dtype=dtype, rngs=rngs, std=std, use_bias=qkv_bias)
+        self.k_proj = dense(d, self.num_kv_heads * hd, dtype=dtype, rngs=rngs, std=std, use_bias=qkv_bias)
+        self.v_proj = dense(d, self.num_kv_heads * hd, dtype=dtype, rngs=rngs, std=std, use_bias=qkv_bias)
+        self.o_proj = dense(self.num_heads * hd, d, dtype=dtype, rngs=rngs, std=std, use_bias=o_bias)
+        per_head_norm = cfg.model_type == "qwen3"
+        self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps) if per_head_norm else None
+        self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps) if per_head_norm else None
+        self.rate = getattr(cfg, "attention_dropout", 0.0)
+
+    def __call__(self, x, rope, mask, rng, cache=None, layer=0, cache_index=None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        kv = None
+        if cache is not None:
+            k, v = kv = write_kv(cache, layer, k, v, cache_index)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        out = attention(q, k, v, mask, dropout_rate=self.rate, rng=rng,
+                        implementation="xla" if cache is not None else None)
+        return self.o_proj(out.reshape(b, t, -1)), kv
+
+
+class DecoderMLP(nnx.Module):
+    def __init__(self, cfg, dtype, rngs: nnx.Rngs):
+        d, f, std = cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range
+        bias = bool(getattr(cfg, "mlp_bias", False))
+        self.gate_proj = dense(d, f, dtype=dtype, rngs=rngs, std=std, use_bias=bias)
+        self.up_proj = dense(d, f, dtype=dtype, rngs=rngs, std=std, use_bias=bias)
+        self.down_proj = dense(f, d, dtype=dtype, rngs=rngs, std=std, use_bias=bias)
+        self.act = activation(cfg.hidden_act)
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg, window: int | None, dtype, rngs: nnx.Rngs):
+        self.self_attn = DecoderAttention(cfg, dtype, rngs)
+        self.mlp = DecoderMLP(cfg, dtype, rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.window = window
+
+    def __call__(self, x, rope, mask, rng, cache=None, layer=0, cache_index=None):
+        h, kv = self.self_attn(self.input_layernorm(x), rope, mask, rng, cache, layer, cache_index)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class DecoderModel(nnx.Module):
+    """The backbone (HF's LlamaModel & co.): embed_tokens → layers → norm."""
+
+    def __init__(self, cfg, dtype, rngs: nnx.Rngs):
+        self.embed_tokens = embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs, std=cfg.initializer_range)
+        self.layers = nnx.List([DecoderLayer(cfg, w, dtype, rngs) for w in layer_windows(cfg)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.inv_freq = rotary_inv_freq(rope_parameters(cfg), head_dim(cfg))
+
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, rng=None, cache=None,
+                 cache_index=None):
+        """Final hidden states (batch, T, hidden) and the updated cache (None without one)."""
+        positions, mask_for = decoder_context(input_ids, attention_mask, positions, segment_ids, cache_index,
+                                              cache is not None)
+        masks = {w: mask_for(w) for w in {layer.window for layer in self.layers}}
+        rope = rotary_tables(positions, self.inv_freq)
+        x, new_cache = self.embed_tokens(input_ids), {}
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, rope, masks[layer.window], sub_rng(rng, i), cache, i, cache_index)
+            if kv is not None:
+                new_cache[f"layers.{i}.k"], new_cache[f"layers.{i}.v"] = kv
+        return self.norm(x), (new_cache if cache is not None else None)
+
+
+class DecoderForCausalLM(CausalLM):
+    """HF's LlamaForCausalLM & co."""
+
+    base_prefix, embedding_name = "model", "embed_tokens"
+
+    def __init__(self, cfg, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        super().__init__(DecoderModel(cfg, dtype, rngs), cfg, dtype, rngs, kv_heads=kv_heads(cfg),
+                         head_dim=head_dim(cfg), tied=bool(getattr(cfg, "tie_word_embeddings", False)))
+
+
+class DecoderForSequenceClassification(LastTokenClassifier):
+    """HF's LlamaForSequenceClassification & co."""
+
+    base_prefix = "model"
+
+    def __init__(self, cfg, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        super().__init__(DecoderModel(cfg, dtype, rngs), cfg, dtype, rngs)
+
+
+def causal_lm(cfg, dtype, rngs: nnx.Rngs) -> nnx.Module:
+    return DecoderForCausalLM(cfg, dtype, rngs=rngs)
+
+
+def sequence_classification(cfg, dtype, rngs: nnx.Rngs) -> nnx.Module:
+    return DecoderForSequenceClassification(cfg, dtype, rngs=rngs)
+
+
+def hf_architecture(cfg, task: str) -> str:
+    """The transformers class name an export of this family and task loads as."""
+    head = {"causal_lm": "ForCausalLM", "classification": "ForSequenceClassification"}[task]
+    return ARCHITECTURE_NAMES[cfg.model_type] + head
+
+
+def normalize_hf_key(key: str, base_prefix: str) -> str:
+    """Base-model checkpoints (LlamaModel & co.) lack the `model.` prefix."""
+    if key.startswith(("embed_tokens.", "layers.", "norm.")):
+        return f"{base_prefix}.{key}"
+    return key
+
+
+# lm_head.weight: a tied model has no head of its own (transformers does not report it either).
+IGNORED_HF_KEYS = ("rotary_emb.inv_freq", "lm_head.weight")

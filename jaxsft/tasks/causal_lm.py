@@ -1,0 +1,374 @@
+"""Causal-LM supervised fine-tuning: SFT data formats, loss masks, packed rows, next-token loss and perplexity.
+
+Data formats (TRL's column names), detected from the training columns unless data.format names one:
+  messages           a list of {role, content} turns
+  prompt_completion  prompt + completion: strings, or lists of turns (TRL's conversational form)
+  alpaca             instruction + output, with an optional input ("" or null when absent)
+  text               plain text
+Rendering. The chat template is data.chat_template, else the tokenizer's. `messages` (and conversational
+prompt+completion) always go through it. Alpaca and string prompt+completion go through it too when one exists, as
+a user turn (the prompt; for Alpaca the instruction, plus "\\n\\n" + input when there is one) and an assistant turn
+(the completion/output). Without a template, Alpaca uses the standard Alpaca prompt and prompt+completion is the
+prompt text followed by the completion text.
+Tokens. The special tokens `tokenizer(text)` puts in front (e.g. BOS) start every example, once (not again when
+the template writes them). A plain completion is tokenized on its own, so prompt ids + completion ids is exactly
+what the model sees and what generation continues from. Chat data is tokenized whole; each loss turn spans from the
+token prefix of the conversation rendered up to it (with the generation prompt) to that of the conversation
+rendered through it, as TRL does (no `{% generation %}` markers needed). Every example ends with the tokenizer's EOS
+unless the rendered text already closes its last loss turn with it.
+Loss tokens: all of `text`; otherwise the completion / the assistant turns (all of them, multi-turn) and the
+closing EOS, or every token with data.train_on_prompt. Examples are cut at max_length; those left without a loss
+token are dropped. With data.packing, examples are packed whole into rows of max_length tokens (segment ids 1..k,
+positions restarting per segment); `lengths` and batches are per row.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsft.data import batching
+from jaxsft.data.batching import BatchPlan, bucket_for, pad_rows
+from jaxsft.data.packing import next_token_targets, pack, segment_layout
+from jaxsft.data.sources import require_columns
+from jaxsft.errors import UserError
+
+log = logging.getLogger("jaxsft")
+
+name = "causal_lm"
+default_metric = regression_metric = ("eval_loss", "min")
+FORMATS = {"messages": ["messages"], "prompt_completion": ["prompt", "completion"],
+           "alpaca": ["instruction", "output"], "text": ["text"]}
+ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                 "Write a response that appropriately completes the request.\n\n"
+                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+@dataclass
+class Features:
+    input_ids: list[np.ndarray]  # per row, int32
+    segment_ids: list[np.ndarray]  # per row, 1..k (one per example)
+    positions: list[np.ndarray]  # per row, restarting at 0 per segment
+    loss_tokens: list[np.ndarray]  # per row, uint8: 1 where the token is a prediction target
+    rows: list[np.ndarray]  # per row, the data set indices of its examples
+    lengths: np.ndarray  # real tokens per row
+    prompts: list[str] = field(default_factory=list)  # per data set example: the text a generation continues
+    references: list[str] = field(default_factory=list)  # per data set example: the completion / last reply
+    num_empty: int = 0  # examples left out: no loss token within max_length
+    num_truncated: int = 0  # examples cut at max_length
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_examples(self) -> int:  # kept examples (rows hold one or more each)
+        return sum(len(r) for r in self.rows)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(sum(int(x[1:].sum()) if len(x) else 0 for x in self.loss_tokens))
+
+
+def checkpoint_metric(config) -> tuple[str, str]:
+    return default_metric
+
+
+def id2label(config) -> dict[int, str]:
+    return {}
+
+
+def detect_format(ds, key: str, spec: str) -> str:
+    cols = ds.column_names
+    for fmt, need in FORMATS.items():
+        if all(c in cols for c in need):
+            return fmt
+    raise UserError(f"{key}: {spec} has columns {', '.join(cols)}; causal_lm data needs messages, "
+                    "prompt+completion, instruction+output (+input) or text (or set data.format)")
+
+
+def resolve_labels(config, train_ds) -> None:
+    """No labels: detects the data format from the training columns into `data.format` (or checks the given one)."""
+    d = config.data
+    if d.format:
+        if d.format not in FORMATS:
+            raise UserError(f"data.format: {d.format!r} is not one of {', '.join(FORMATS)}")
+        require_columns(train_ds, FORMATS[d.format], "data.train", d.train, "data.format")
+    else:
+        d.format = detect_format(train_ds, "data.train", d.train)
+
+
+# --- rendering -------------------------------------------------------------------------------------------------
+
+def has_chat_template(tokenizer, config) -> bool:
+    return bool(config.data.chat_template or getattr(tokenizer, "chat_template", None))
+
+
+def _render(tokenizer, config, messages: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=config.data.chat_template or None, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def render_prompt(tokenizer, config, text: str) -> str:
+    """A raw user prompt wrapped as training data was: a chat user turn + generation prompt, else the Alpaca prompt."""
+    if has_chat_template(tokenizer, config):
+        return _render(tokenizer, config, [{"role": "user", "content": text}], True)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=text)
+
+
+def _special_prefix(tokenizer) -> list[int]:
+    """The special tokens `tokenizer(text)` puts in front of a text (e.g. [BOS]); trailing ones are not used."""
+    full = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for s in range(len(full) - len(plain) + 1):
+        if full[s:s + len(plain)] == plain:
+            return list(full[:s])
+    return []
+
+
+def _with_prefix(prefix: list[int], ids: list[int]) -> list[int]:
+    return list(ids) if prefix and list(ids[:len(prefix)]) == prefix else prefix + list(ids)
+
+
+def encode_prompt(tokenizer, config, text: str) -> list[int]:
+    """Token ids of a prompt as training saw it (the special prefix once, then the text): what generation feeds."""
+    return _with_prefix(_special_prefix(tokenizer), tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    a, b = np.asarray(a[:n]), np.asarray(b[:n])
+    diff = np.flatnonzero(a != b)
+    return int(diff[0]) if len(diff) else n
+
+
+def _text(v) -> str:
+    return "" if v is None else str(v)
+
+
+@dataclass
+class _Plain:  # prompt text + completion text, tokenized apart
+    prompt: str
+    completion: str
+    train_all: bool  # loss on the prompt too (text format, or train_on_prompt)
+
+
+@dataclass
+class _Chat:  # a conversation tokenized whole; loss on the turns in `loss_turns`
+    messages: list[dict]
+    loss_turns: list[int]
+
+
+def _examples(ds, config, key: str, spec: str, chat: bool) -> tuple[list, list[str]]:
+    """Per data set row: a _Plain or _Chat, and the reference text."""
+    fmt = config.data.format or detect_format(ds, key, spec)
+    require_columns(ds, FORMATS[fmt], key, spec, "data.format")
+    on_prompt = bool(config.data.train_on_prompt)
+    out, refs = [], []
+    if fmt == "text":
+        for t in ds["text"]:
+            out.append(_Plain("", _text(t), True))
+            refs.append(_text(t))
+        return out, refs
+    no_template = UserError(f"{key}: the data is in chat format (messages) but the tokenizer has no chat template; "
+                            "set data.chat_template")
+    if fmt == "messages":
+        if not chat:
+            raise no_template
+        for i, msgs in enumerate(ds["messages"]):
+            if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m for m in msgs):
+                raise UserError(f"{key}: row {i} of {spec}: messages must be a list of {{role, content}} turns")
+            turns = [j for j, m in enumerate(msgs) if m["role"] == "assistant"]
+            out.append(_Chat(list(msgs), turns))
+            refs.append(_text(msgs[turns[-1]].get("content")) if turns else "")
+        return out, refs
+    if fmt == "alpaca":
+        inputs = ds["input"] if "input" in ds.column_names else [None] * len(ds)
+        pairs = []
+        for ins, inp, output in zip(ds["instruction"], inputs, ds["output"]):
+            ins, inp = _text(ins), _text(inp)
+            if chat:
+                pairs.append((ins + "\n\n" + inp if inp.strip() else ins, _text(output)))
+            elif inp.strip():
+                pairs.append((ALPACA_PROMPT.format(instruction=ins, input=inp), _text(output)))
+            else:
+                pairs.append((ALPACA_PROMPT_NO_INPUT.format(instruction=ins), _text(output)))
+    else:  # prompt_completion
+        pairs = list(zip(ds["prompt"], ds["completion"]))
+    for p, c in pairs:
+        if isinstance(p, list) or isinstance(c, list):  # conversational: loss on the completion's turns
+            if not chat:
+                raise no_template
+            p = list(p) if isinstance(p, list) else [{"role": "user", "content": _text(p)}]
+            c = list(c) if isinstance(c, list) else [{"role": "assistant", "content": _text(c)}]
+            out.append(_Chat(p + c, list(range(len(p), len(p) + len(c)))))
+            refs.append(_text(c[-1].get("content")) if c else "")
+        elif chat:
+            out.append(_Chat([{"role": "user", "content": _text(p)}, {"role": "assistant", "content": _text(c)}],
+                             [1]))
+            refs.append(_text(c))
+        else:
+            out.append(_Plain(_text(p), _text(c), on_prompt))
+            refs.append(_text(c))
+    return out, refs
+
+
+def _chat_texts(ex: _Chat, tokenizer, config, key: str, row: int) -> list[str]:
+    """[whole conversation, generation prompt, then (prefix, through) per loss turn]."""
+    def render(msgs, gen=False):
+        if not msgs:
+            return ""
+        try:
+            return _render(tokenizer, config, msgs, gen)
+        except Exception as e:  # noqa: BLE001 - a template error is a data or template problem
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise UserError(f"{key}: row {row}: the chat template failed ({type(e).__name__}: {msg})") from None
+
+    m, turns = ex.messages, ex.loss_turns
+    texts = [render(m), render(m[:turns[-1]] if turns else m, True)]
+    for j in turns:
+        texts += [render(m[:j], m[j]["role"] == "assistant"), render(m[:j + 1])]
+    return texts
+
+
+def _tokenize(examples: list, tokenizer, config, key: str) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """(ids, loss_tokens, prompt texts) per example, before truncation."""
+    chat_texts = {i: _chat_texts(ex, tokenizer, config, key, i) for i, ex in enumerate(examples)
+                  if isinstance(ex, _Chat)}
+    strings = []
+    for i, ex in enumerate(examples):
+        strings += chat_texts[i] if i in chat_texts else [ex.prompt, ex.completion]
+    enc = tokenizer(strings, add_special_tokens=False)["input_ids"] if strings else []
+    prefix, eos = _special_prefix(tokenizer), tokenizer.eos_token_id
+    on_prompt = bool(config.data.train_on_prompt)
+    all_ids, all_loss, prompts, k = [], [], [], 0
+    for i, ex in enumerate(examples):
+        if isinstance(ex, _Plain):
+            c_ids = list(enc[k + 1])
+            ids = _with_prefix(prefix, list(enc[k]) + c_ids)  # text that starts with BOS keeps just that one
+            k += 2
+            loss = [int(ex.train_all)] * (len(ids) - len(c_ids)) + [1] * len(c_ids)
+            close = eos is not None and not (ids and ids[-1] == eos)
+            prompts.append(ex.prompt)
+            end_loss = 1
+        else:
+            texts = chat_texts[i]
+            seqs = [_with_prefix(prefix, e) for e in enc[k:k + len(texts)]]
+            k += len(texts)
+            ids, loss = seqs[0], [int(on_prompt)] * len(seqs[0])
+            span = (0, 0)
+            for t in range(len(ex.loss_turns)):
+                start = _common_prefix(seqs[2 + 2 * t], ids) if texts[2 + 2 * t] else 0
+                span = (start, _common_prefix(seqs[3 + 2 * t], ids))
+                loss[span[0]:span[1]] = [1] * max(span[1] - span[0], 0)
+            close = eos is not None and eos not in ids[span[0]:span[1]] and not (ids and ids[-1] == eos)
+            prompts.append(texts[1])
+            end_loss = int(on_prompt or (bool(ex.loss_turns) and ex.loss_turns[-1] == len(ex.messages) - 1))
+        if close:
+            ids, loss = ids + [eos], loss + [end_loss]
+        all_ids.append(np.asarray(ids, dtype=np.int32))
+        all_loss.append(np.asarray(loss, dtype=np.uint8))
+    return all_ids, all_loss, prompts
+
+
+def featurize(ds, tokenizer, config, key: str, spec: str, *, need_labels: bool = True) -> Features:
+    """Tokenizes one split into rows (packed when data.packing) with explicit loss tokens."""
+    examples, references = _examples(ds, config, key, spec, has_chat_template(tokenizer, config))
+    ids, loss, prompts = _tokenize(examples, tokenizer, config, key)
+    max_length = config.max_length
+    num_truncated = sum(len(x) > max_length for x in ids)
+    ids, loss = [x[:max_length] for x in ids], [x[:max_length] for x in loss]
+    keep = [i for i, x in enumerate(loss) if x[1:].any()]  # position 0 is never a target
+    num_empty = len(ids) - len(keep)
+    if num_empty:
+        log.info("%s: %d of %d examples have no loss token within max_length=%d and are left out", key, num_empty,
+                 len(ids), max_length)
+    if not keep:
+        raise UserError(f"{key}: no example of {spec} has a loss token within max_length={max_length}")
+    lengths = np.asarray([len(ids[i]) for i in keep])
+    groups = pack(lengths, max_length) if config.data.packing else [np.asarray([j]) for j in range(len(keep))]
+    f = Features([], [], [], [], [], np.zeros(len(groups), dtype=np.int64), prompts, references, num_empty,
+                 num_truncated)
+    for r, g in enumerate(groups):
+        members = [keep[j] for j in g]
+        seg, pos = segment_layout([len(ids[i]) for i in members])
+        f.input_ids.append(np.concatenate([ids[i] for i in members]))
+        f.loss_tokens.append(np.concatenate([loss[i] for i in members]))
+        f.segment_ids.append(seg)
+        f.positions.append(pos)
+        f.rows.append(np.asarray(members, dtype=np.int64))
+        f.lengths[r] = len(seg)
+    if config.data.packing:
+        log.info("%s: %d examples packed into %d rows of %d tokens (%.1f%% filled)", key, len(keep), len(groups),
+                 max_length, 100 * f.num_tokens / (len(groups) * max_length))
+    return f
+
+
+def padding_share(features: Features, batch_size: int, buckets: list[int], *, group_by_length: bool = True) -> float:
+    """Share of padding token slots over one epoch of training batches."""
+    plan = BatchPlan(features.lengths, batch_size, seed=0, shuffle=True, group_by_length=group_by_length)
+    return batching.padding_share(features.lengths, plan.epoch(0), batch_size, buckets)
+
+
+# --- batches, loss, metrics ------------------------------------------------------------------------------------
+
+def collate(features: Features, indices: np.ndarray, batch_size: int, buckets: list[int], pad_id: int) -> dict:
+    """One fixed-shape numpy batch of rows; rows past len(indices) are padding (segment 0, loss mask 0).
+
+    `weights` (B,) is the number of loss tokens per row, so a loop summing it gets the token count it divides by.
+    """
+    length = bucket_for(int(features.lengths[indices].max()), buckets)
+
+    def rows(xs, pad):
+        return pad_rows([xs[i] for i in indices], length, pad, batch_size)
+
+    ids, seg = rows(features.input_ids, pad_id), rows(features.segment_ids, 0)
+    targets, loss_mask = next_token_targets(ids, seg, rows(features.loss_tokens, 0))
+    return {"input_ids": ids, "attention_mask": (seg > 0).astype(np.int32), "segment_ids": seg,
+            "positions": rows(features.positions, 0), "targets": targets, "loss_mask": loss_mask,
+            "weights": loss_mask.sum(axis=1)}
+
+
+def forward(apply, params, batch, rng=None):
+    return apply(params, batch["input_ids"], batch["attention_mask"], positions=batch["positions"],
+                 segment_ids=batch["segment_ids"], rng=rng)
+
+
+def _token_nll(logits, targets, label_smoothing: float = 0.0):
+    """Per-token cross-entropy in float32: logsumexp - target logit (log_softmax without a one-hot or a copy)."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    nll = lse - jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if label_smoothing > 0:  # CE against (1 - a) * onehot + a / V
+        nll = (1.0 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(axis=-1))
+    return nll
+
+
+def loss(logits, batch, config):
+    """(sum of token cross-entropies over loss tokens, number of loss tokens): the loop divides."""
+    mask = batch["loss_mask"]
+    return (_token_nll(logits, batch["targets"], config.label_smoothing) * mask).sum(), mask.sum()
+
+
+def eval_outputs(logits, batch):
+    """(B, 2) float32 per row: [sum of token NLL over loss tokens, number of loss tokens]."""
+    mask = batch["loss_mask"]
+    return jnp.stack([(_token_nll(logits, batch["targets"]) * mask).sum(-1), mask.sum(-1)], axis=-1)
+
+
+def compute_metrics(outputs: np.ndarray, features: Features, config) -> dict[str, float]:
+    outputs = np.asarray(outputs, dtype=np.float64)
+    tokens = outputs[:, 1].sum()
+    if tokens <= 0:
+        return {}
+    nll = float(outputs[:, 0].sum() / tokens)
+    return {"eval_loss": nll, "eval_perplexity": float(np.exp(nll))}
