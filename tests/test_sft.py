@@ -172,6 +172,7 @@ def test_messages_without_chat_template_is_one_clear_line(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow  # ~30 s
 def test_decoder_checkpoint_fine_tunes_for_classification(tmp_path):
     from conftest import synthetic_rows, write_tsv
 
@@ -186,3 +187,27 @@ def test_decoder_checkpoint_fine_tunes_for_classification(tmp_path):
     cli("export", "--workdir", w, "--output", out)
     m = tf.AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert type(m).__name__ == "LlamaForSequenceClassification" and m.config.id2label[1] == "positive"
+
+
+CHATML = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} [SEP] {% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+def test_chat_messages_with_config_template_train_generate_and_export(tmp_path):
+    model = make_tiny_decoder(tmp_path / "llama")
+    rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
+            for w in ("good", "great", "fine", "dull", "awful", "bad") * 4]
+    write_jsonl(tmp_path / "chat.jsonl", rows)
+    w = tmp_path / "w"
+    cli("run", "--config", "configs/sft.py", "--workdir", w, f"--config.model.name_or_path={model}",
+        f"--config.data.train={tmp_path / 'chat.jsonl'}", "--config.data.eval_fraction=0.25", "--config.max_steps=3",
+        "--config.max_length=64", "--config.batch_size=4", "--config.dtype=float32",
+        f"--config.data.chat_template={CHATML}")
+    assert json.loads((w / "config.json").read_text())["data"]["format"] == "messages"
+    assert any("eval_loss" in json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines())
+    out = tmp_path / "hf"
+    cli("export", "--workdir", w, "--output", out)
+    assert tf.AutoTokenizer.from_pretrained(out).chat_template == CHATML  # the template travels with the model
+    gen = [json.loads(line) for line in cli("generate", "--workdir", w, "--prompt", "say good", "--template",
+                                            "--max_new_tokens", "3").stdout.splitlines() if line.startswith("{")]
+    assert len(gen) == 1 and set(gen[0]) == {"prompt", "completion"}

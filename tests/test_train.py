@@ -56,6 +56,7 @@ def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tiny_bert, data, tm
     assert got.keys() == want.keys() and all(abs(got[s] - want[s]) < 1e-6 for s in want)
 
 
+@pytest.mark.slow  # ~40 s: runs in the slow tier (CI runs both)
 def test_loss_accumulator_survives_resume(tiny_bert, data, tmp_path, monkeypatch):
     # Logging every 4 steps with checkpoints every 3: the mean at step 8 spans the crash at step 6.
     kw = dict(max_steps=8, checkpoint_every_steps=3, eval_every_steps=100, log_every_steps=4)
@@ -120,6 +121,7 @@ def cli_args(model, train, evals, workdir, *extra):
             "--config.learning_rate=1e-3", "--config.log_every_steps=1", *extra]
 
 
+@pytest.mark.slow  # ~65 s
 def test_one_and_eight_devices_train_to_the_same_loss(tiny_bert, data, tmp_path):
     losses = {}
     for n in (1, 8):
