@@ -8,6 +8,7 @@ order of transformers' logits warpers.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import jax
@@ -15,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsft.data.batching import default_buckets
+
+log = logging.getLogger("jaxsft")
 
 
 @dataclass(frozen=True)
@@ -143,3 +146,200 @@ def eos_ids_for(folder, tokenizer) -> tuple[int, ...]:
         ids = [tokenizer.eos_token_id]
     return tuple(int(i) for i in ids)
 
+
+
+# --- encoder-decoder models: greedy and beam search, as transformers' `generate` ---------------------------------
+
+NEG = -1.0e9
+
+
+@dataclass(frozen=True)
+class Seq2SeqDecode:
+    """transformers' generation settings that matter for translation (max_length counts the start token)."""
+    max_length: int = 20
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    decoder_start_token_id: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: tuple[int, ...] | None = None
+    bad_token_ids: tuple[int, ...] = ()  # single-token bad_words_ids
+    min_length: int = 0
+
+
+def seq2seq_settings(generation_config: dict, decode_config, *, fallback_pad: int, fallback_eos) -> Seq2SeqDecode:
+    """Settings from a checkpoint's generation_config.json, overridden by config.decode (when set)."""
+    g = dict(generation_config or {})
+
+    def ids(v):
+        return () if v is None else (int(v),) if isinstance(v, int) else tuple(int(x) for x in v)
+
+    eos = ids(g.get("eos_token_id")) or ids(fallback_eos)
+    pad = g.get("pad_token_id", fallback_pad)
+    pad = fallback_pad if pad is None else int(pad)
+    max_new = decode_config.max_new_tokens if decode_config.max_new_tokens else g.get("max_new_tokens")
+    max_length = int(max_new) + 1 if max_new else int(g.get("max_length") or 20)
+    bad = []
+    for seq in g.get("bad_words_ids") or []:
+        if len(seq) == 1 and seq[0] not in eos:
+            bad.append(int(seq[0]))
+        elif len(seq) > 1:
+            log.warning("warning: multi-token bad_words_ids %s are not applied", seq)
+    num_beams = decode_config.num_beams or g.get("num_beams") or 1
+    def pick(override, key, default):
+        if override is not None:
+            return override
+        return default if g.get(key) is None else g[key]
+
+    lp = pick(decode_config.length_penalty, "length_penalty", 1.0)
+    es = pick(decode_config.early_stopping, "early_stopping", False)
+    start = g.get("decoder_start_token_id")
+    return Seq2SeqDecode(max_length=max_length, num_beams=int(num_beams), length_penalty=float(lp),
+                         early_stopping=es, decoder_start_token_id=int(pad if start is None else start),
+                         eos_token_ids=eos, pad_token_id=pad,
+                         forced_bos_token_id=g.get("forced_bos_token_id"),
+                         forced_eos_token_id=ids(g.get("forced_eos_token_id")) or None, bad_token_ids=tuple(bad),
+                         min_length=int(g.get("min_length") or 0))
+
+
+def _process(scores, cur_len, s: Seq2SeqDecode):
+    """transformers' logits processors for these settings; `cur_len` counts the start token (may be traced)."""
+    vocab = jnp.arange(scores.shape[-1])
+    neg_inf = -jnp.inf
+    if s.min_length > 0 and s.eos_token_ids:
+        eos = jnp.isin(vocab, jnp.asarray(s.eos_token_ids))
+        scores = jnp.where(eos[None] & (cur_len < s.min_length), neg_inf, scores)
+    if s.bad_token_ids:
+        scores = jnp.where(jnp.isin(vocab, jnp.asarray(s.bad_token_ids))[None], neg_inf, scores)
+    if s.forced_bos_token_id is not None:
+        forced = jnp.where(vocab == s.forced_bos_token_id, 0.0, neg_inf)[None]
+        scores = jnp.where(cur_len == 1, forced, scores)
+    if s.forced_eos_token_id:
+        forced = jnp.where(jnp.isin(vocab, jnp.asarray(s.forced_eos_token_id)), 0.0, neg_inf)[None]
+        scores = jnp.where(cur_len == s.max_length - 1, forced, scores)
+    return scores
+
+
+def make_seq2seq_generate_fn(functional, s: Seq2SeqDecode, cache_dtype):
+    """A jitted (params, ids (B,S), mask (B,S)) → (B, max_length - 1) new tokens function: greedy or beam search."""
+    eos = jnp.asarray(s.eos_token_ids or (-1,), jnp.int32)
+    length = s.max_length
+    nb = max(int(s.num_beams), 1)
+
+    def step(params, tokens, cross, mask, cache, index):
+        logits, cache = functional.method(params, "decode", tokens[:, None], cross, mask, cache=cache,
+                                          cache_index=index)
+        return logits[:, -1].astype(jnp.float32), cache
+
+    def greedy(params, ids, mask):
+        b = ids.shape[0]
+        cross = functional.method(params, "cross_kv", functional.method(params, "encode", ids, mask))
+        cache = functional.method(params, "init_cache", b, length, cache_dtype)
+        out = jnp.full((b, length - 1), s.pad_token_id, jnp.int32)
+        tok = jnp.full((b,), s.decoder_start_token_id, jnp.int32)
+
+        def cond(c):
+            return (c[0] < length) & ~jnp.all(c[4])
+
+        def body(c):
+            cur, tok, cache, out, done = c
+            logits, cache = step(params, tok, cross, mask, cache, (cur - 1).astype(jnp.int32))
+            nxt = jnp.argmax(_process(logits, cur, s), axis=-1).astype(jnp.int32)
+            nxt = jnp.where(done, s.pad_token_id, nxt)
+            out = out.at[:, cur - 1].set(nxt)
+            return cur + 1, nxt, cache, out, done | jnp.isin(nxt, eos)
+
+        c = (jnp.int32(1), tok, cache, out, jnp.zeros((b,), bool))
+        return jax.lax.while_loop(cond, body, c)[3]
+
+    def beam(params, ids, mask):
+        b = ids.shape[0]
+        keep = max(2, 1 + len(s.eos_token_ids)) * nb
+        enc = functional.method(params, "encode", ids, mask)
+        cross = jax.tree.map(lambda x: jnp.repeat(x, nb, axis=0), functional.method(params, "cross_kv", enc))
+        mask_r = jnp.repeat(mask, nb, axis=0)
+        cache = functional.method(params, "init_cache", b * nb, length, cache_dtype)
+        fill = s.pad_token_id if s.pad_token_id else (s.eos_token_ids[0] if s.eos_token_ids else -1)
+        running = jnp.full((b, nb, length), fill, jnp.int32).at[:, :, 0].set(s.decoder_start_token_id)
+        state = dict(cur=jnp.int32(1), running=running, sequences=running,
+                     running_scores=jnp.zeros((b, nb), jnp.float32).at[:, 1:].set(NEG),
+                     scores=jnp.full((b, nb), NEG, jnp.float32), finished=jnp.zeros((b, nb), bool),
+                     unsat=jnp.ones((b, 1), bool), go=jnp.asarray(True), cache=cache)
+        top_mask = jnp.arange(keep) < nb
+        batch_offset = (jnp.arange(b) * nb)[:, None]
+
+        def gather(x, idx):
+            idx = idx.reshape(idx.shape + (1,) * (x.ndim - idx.ndim))
+            return jnp.take_along_axis(x, idx, axis=1)
+
+        def cond(st):
+            return st["go"] & (st["cur"] < length)
+
+        def body(st):
+            cur = st["cur"]
+            last = jax.lax.dynamic_index_in_dim(st["running"], cur - 1, axis=2, keepdims=False).reshape(b * nb)
+            logits, cache = step(params, last, cross, mask_r, st["cache"], (cur - 1).astype(jnp.int32))
+            logp = _process(jax.nn.log_softmax(logits, axis=-1), cur, s)
+            vocab = logp.shape[-1]
+            logp = (logp.reshape(b, nb, vocab) + st["running_scores"][:, :, None]).reshape(b, nb * vocab)
+            topk_logp, topk_idx = jax.lax.top_k(logp, keep)
+            parent, tok = topk_idx // vocab, (topk_idx % vocab).astype(jnp.int32)
+            topk_seq = gather(st["running"], parent)
+            topk_seq = jax.lax.dynamic_update_slice_in_dim(topk_seq, tok[:, :, None], cur, axis=2)
+            hits = jnp.isin(tok, eos) | (cur + 1 >= length)
+            # beams that continue
+            run_logp = topk_logp + hits.astype(jnp.float32) * NEG
+            nxt = jax.lax.top_k(run_logp, nb)[1]
+            running, running_scores = gather(topk_seq, nxt), gather(run_logp, nxt)
+            flat_parent = gather(parent + batch_offset, nxt).reshape(b * nb)
+            # finished hypotheses
+            just = hits & top_mask[None]
+            cand = topk_logp / ((cur - 0.0) ** s.length_penalty)
+            full = jnp.all(st["finished"], axis=-1, keepdims=True) & (s.early_stopping is True)
+            cand = cand + full * NEG + (~st["unsat"]) * NEG + (~just) * NEG
+            m_seq = jnp.concatenate([st["sequences"], topk_seq], axis=1)
+            m_scores = jnp.concatenate([st["scores"], cand], axis=1)
+            m_fin = jnp.concatenate([st["finished"], just], axis=1)
+            best = jax.lax.top_k(m_scores, nb)[1]
+            sequences, scores, finished = gather(m_seq, best), gather(m_scores, best), gather(m_fin, best)
+            cache = jax.tree.map(lambda x: jnp.take(x, flat_parent, axis=0), cache)
+            cur = cur + 1
+            if s.early_stopping == "never" and s.length_penalty > 0.0:
+                best_len = jnp.float32(length - 1)
+            else:
+                best_len = (cur - 1).astype(jnp.float32)
+            best_running = running_scores[:, :1] / best_len ** s.length_penalty
+            worst = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), NEG)
+            unsat = st["unsat"] & jnp.any(best_running > worst, axis=-1, keepdims=True)
+            go = jnp.any(unsat) & ~(jnp.all(finished) & (s.early_stopping is True)) & ~jnp.all(hits)
+            return dict(cur=cur, running=running, sequences=sequences, running_scores=running_scores, scores=scores,
+                        finished=finished, unsat=unsat, go=go, cache=cache)
+
+        st = jax.lax.while_loop(cond, body, state)
+        return st["sequences"][:, 0, 1:]
+
+    return jax.jit(greedy if nb == 1 else beam)
+
+
+def seq2seq_generate(fn, params, sources: list[list[int]], *, batch_size: int, pad_id: int,
+                     buckets: list[int]) -> list[list[int]]:
+    """New tokens per source (in order), right-padded sources bucketed by length; fixed batch shape."""
+    from jaxsft.data.batching import bucket_for
+
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    results: list[list[int]] = [[] for _ in sources]
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        p = bucket_for(max(len(sources[i]) for i in idx), buckets)
+        ids = np.full((batch_size, p), pad_id, np.int32)
+        mask = np.zeros((batch_size, p), np.int32)
+        for r, i in enumerate(idx):
+            toks = sources[i][:p]
+            ids[r, :len(toks)], mask[r, :len(toks)] = toks, 1
+        mask[len(idx):, 0] = 1  # filler rows: one pad token, discarded
+        out = np.asarray(jax.device_get(fn(params, ids, mask)))
+        for r, i in enumerate(idx):
+            results[i] = out[r].tolist()
+    return results

@@ -13,6 +13,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name_or_path = ""  # local HF folder or hub id
     c.model.num_labels = config_dict.placeholder(int)  # None: inferred from the training labels; 1: regression
+    c.model.decoder_start_token_id = config_dict.placeholder(int)  # seq2seq; None: from the checkpoint
+    c.model.from_scratch = False  # True: the architecture of the checkpoint's config with fresh random weights
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # .tsv .csv .json .jsonl .parquet, or an HF dataset spec such as glue/sst2:train
@@ -29,6 +31,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.packing = True  # causal_lm: several examples per max_length row (segment ids); False pads instead
     c.data.train_on_prompt = False  # causal_lm: also put loss on prompt / non-assistant tokens
     c.data.chat_template = config_dict.placeholder(str)  # a Jinja chat template when the tokenizer has none
+    # seq2seq (translation) data: fields of a JSONL/CSV/TSV file, or two line-aligned files `src.txt,tgt.txt`
+    c.data.source_field = "source"
+    c.data.target_field = "target"
+    c.data.source_prefix = ""  # prepended to every source (T5: "translate English to German: ")
+    c.data.max_target_length = config_dict.placeholder(int)  # None: max_length
+    c.data.source_lang = "English"  # translate_llm prompt template
+    c.data.target_lang = "German"
 
     c.max_length = 128
     c.batch_size = 32  # global, over all devices and accumulation steps
@@ -53,6 +62,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2  # the newest N, plus the best by checkpoint_metric
     c.checkpoint_metric = config_dict.placeholder(str)  # None: the task's (eval_accuracy for classification)
     c.checkpoint_mode = config_dict.placeholder(str)  # max | min; None: the task's
+
+    # Decoding for seq2seq evaluation / generation; None: the checkpoint's generation_config.json
+    c.decode = ml_collections.ConfigDict()
+    c.decode.num_beams = config_dict.placeholder(int)
+    c.decode.max_new_tokens = config_dict.placeholder(int)
+    c.decode.length_penalty = config_dict.placeholder(float)
+    c.decode.early_stopping = config_dict.placeholder(bool)
 
     # LoRA (causal_lm and classification): rank 0 = off, full fine-tuning.
     c.lora = ml_collections.ConfigDict()

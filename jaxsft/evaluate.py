@@ -37,7 +37,7 @@ def _hf_folder_model(config, folder: str):
     model = build_model(hf_config, config.task, compute_dtype(config.dtype), config.seed)
     params, report = load_weights(model, hf_io.read_weights(path), str(folder))
     report_load(report, type(model).__name__, str(folder))
-    return Functional(model), params, tokenizer
+    return Functional(model), params, tokenizer, hf_config, path
 
 
 def main(argv: list[str]) -> int:
@@ -61,7 +61,8 @@ def main(argv: list[str]) -> int:
     task = pipeline.task_module(config)
     mesh = parallel.make_mesh(config.mesh)
     if args.workdir:
-        functional, template, _, tokenizer = pipeline.workdir_model(Path(args.workdir), config)
+        functional, template, hf_config, tokenizer = pipeline.workdir_model(Path(args.workdir), config)
+        folder = Path(args.workdir) / "hf"
         _, ds = pipeline.load_splits(config, need_train=False)
         if ds is None:
             raise UserError("no evaluation data: set --config.data.eval=FILE")
@@ -69,7 +70,7 @@ def main(argv: list[str]) -> int:
         params, step = pipeline.restore_params(Path(args.workdir), config, template, mesh, args.checkpoint,
                                                functional.trainable)
     else:
-        functional, params, tokenizer = _hf_folder_model(config, args.model)
+        functional, params, tokenizer, hf_config, folder = _hf_folder_model(config, args.model)
         _, ds = pipeline.load_splits(config, need_train=False)
         if ds is None:
             raise UserError("no evaluation data: set --config.data.eval=FILE")
@@ -79,12 +80,21 @@ def main(argv: list[str]) -> int:
     outputs = pipeline.predict(eval_step, params, features, config, mesh, task, tokenizer.pad_token_id)
     result = {"step": step, **task.compute_metrics(outputs, features, config),
               "num_examples": getattr(features, "num_examples", len(features))}
+    hyps = None
+    hypotheses = pipeline.hypothesis_fn(task, functional, config, folder, hf_config, tokenizer, mesh)
+    if hypotheses is not None:  # translation: decode and score BLEU / chrF (when the data has targets)
+        hyps = hypotheses(params, features)
+        if config.data.target_field in ds.column_names:
+            result.update(task.generation_metrics(hyps, features, config))
     if args.predictions:
-        rows = generated_rows(functional, params, features, config, tokenizer, args) \
-            if config.task == "causal_lm" else task.prediction_rows(outputs, features, config)
-        with open(args.predictions, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        if hyps is not None:  # one hypothesis per line, eval-set order (sacrebleu-ready)
+            Path(args.predictions).write_text("".join(line + "\n" for line in task.prediction_lines(hyps)))
+        else:
+            rows = generated_rows(functional, params, features, config, tokenizer, args) \
+                if config.task == "causal_lm" else task.prediction_rows(outputs, features, config)
+            with open(args.predictions, "w") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
         log.info("wrote %d predictions to %s", len(features), args.predictions)
     print(json.dumps(result), flush=True)
     return 0

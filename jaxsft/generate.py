@@ -45,8 +45,9 @@ def load(args, argv):
 
     if args.workdir:
         config, _ = cli.config_from_args(argv, workdir_config=Path(args.workdir) / "config.json")
-        if config.task != "causal_lm":
-            raise UserError(f"--workdir {args.workdir}: task {config.task!r} does not generate text (causal_lm does)")
+        if config.task not in ("causal_lm", "seq2seq"):
+            raise UserError(f"--workdir {args.workdir}: task {config.task!r} does not generate text "
+                            "(causal_lm and seq2seq do)")
         mesh = parallel.make_mesh(config.mesh)
         functional, template, _, tokenizer = pipeline.workdir_model(Path(args.workdir), config)
         params, step = pipeline.restore_params(Path(args.workdir), config, template, mesh, args.checkpoint,
@@ -54,9 +55,10 @@ def load(args, argv):
         log.info("generating with step %d of %s", step, args.workdir)
         return config, functional, params, tokenizer, Path(args.workdir) / "hf"
     config, _ = cli.config_from_args(argv, base=base_config())
-    config.task, config.model.name_or_path = "causal_lm", args.model
     folder = hf_io.resolve(args.model)
     hf_config = pipeline.load_hf_config(folder, "--model")
+    config.model.name_or_path = args.model
+    config.task = "seq2seq" if getattr(hf_config, "is_encoder_decoder", False) else "causal_lm"
     tokenizer = pipeline.load_tokenizer(folder, "--model")
     model, _ = pipeline.build(hf_config, config, with_lora=False)
     params, report = load_weights(model, hf_io.read_weights(folder), str(args.model))
@@ -87,6 +89,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--num_beams", type=int, help="seq2seq: beam search width (default: generation_config's)")
     p.add_argument("--template", action="store_true", help="wrap prompts as the training data was formatted")
     _, _, rest = split_config_args(argv)
     args = p.parse_args(rest)
@@ -102,6 +105,8 @@ def main(argv: list[str]) -> int:
     from jaxsft.models import compute_dtype
 
     config, functional, params, tokenizer, folder = load(args, argv)
+    if config.task == "seq2seq":
+        return translate(args, prompts, config, functional, params, tokenizer, folder)
     eos = decoding.eos_ids_for(folder, tokenizer)
     sampling = decoding.Sampling(args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p)
     fn = decoding.make_generate_fn(functional, sampling, eos, tokenizer.pad_token_id, compute_dtype(config.dtype))
@@ -113,6 +118,28 @@ def main(argv: list[str]) -> int:
                              max_prompt=config.max_length, seed=args.seed)
     for text, toks in zip(prompts, outs):
         completion = tokenizer.decode(decoding.cut_at_eos(toks, eos, tokenizer.pad_token_id),
+                                      skip_special_tokens=True)
+        print(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False), flush=True)
+    return 0
+
+
+def translate(args, prompts, config, functional, params, tokenizer, folder) -> int:
+    """Encoder-decoder checkpoints: source text in, translation out (greedy or beam search)."""
+    from jaxsft import decoding, pipeline
+
+    if args.do_sample:
+        raise UserError("--do_sample is not supported for seq2seq models (greedy or --num_beams N)")
+    config.decode.max_new_tokens = args.max_new_tokens
+    if args.num_beams:
+        config.decode.num_beams = args.num_beams
+    hf_config = pipeline.load_hf_config(folder, "--model")
+    fn, settings = pipeline.seq2seq_generator(functional, config, folder, hf_config, tokenizer)
+    prefix = config.data.source_prefix if args.template else ""
+    ids = [list(tokenizer(prefix + t, truncation=True, max_length=config.max_length)["input_ids"]) for t in prompts]
+    outs = decoding.seq2seq_generate(fn, params, ids, batch_size=args.batch_size, pad_id=tokenizer.pad_token_id,
+                                     buckets=pipeline.buckets(config))
+    for text, toks in zip(prompts, outs):
+        completion = tokenizer.decode(decoding.cut_at_eos(toks, set(settings.eos_token_ids), tokenizer.pad_token_id),
                                       skip_special_tokens=True)
         print(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False), flush=True)
     return 0

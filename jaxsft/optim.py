@@ -28,7 +28,7 @@ def schedule(config, total_steps: int) -> optax.Schedule:
 
 def decay_mask(params: dict) -> dict:
     """Weight decay on matrices only: biases and LayerNorm/RMSNorm weights are excluded, as HF Trainer does."""
-    return {k: getattr(v, "ndim", 0) >= 2 for k, v in params.items()}
+    return {k: getattr(v, "ndim", 0) >= 2 and not k.endswith("final_logits_bias") for k, v in params.items()}
 
 
 def make_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -15,7 +15,7 @@ from jaxsft.errors import UserError
 
 log = logging.getLogger("jaxsft")
 
-TASKS = ("classification", "causal_lm")
+TASKS = ("classification", "causal_lm", "seq2seq")
 
 
 def task_module(config):
@@ -33,9 +33,11 @@ def load_splits(config, *, need_train: bool = True):
     frac = config.data.eval_fraction or 0.0
     if not 0.0 <= frac < 1.0:
         raise UserError(f"config.data.eval_fraction must be in [0, 1), got {frac}")
-    train = load_source(config.data.train, "data.train") if need_train or (frac and not config.data.eval) else None
+    fields = dict(source_field=config.data.source_field, target_field=config.data.target_field)
+    train = load_source(config.data.train, "data.train", **fields) if need_train or (frac and not config.data.eval) \
+        else None
     if config.data.eval:
-        return train, load_source(config.data.eval, "data.eval")
+        return train, load_source(config.data.eval, "data.eval", **fields)
     if frac > 0:
         if len(train) < 2:
             raise UserError(f"data.train: {len(train)} example(s) cannot be split by data.eval_fraction={frac}")
@@ -172,3 +174,60 @@ def workdir_model(workdir: Path, config):
     functional = Functional(model)
     functional.trainable = trainable
     return functional, template, hf_config, tokenizer
+
+
+def generation_config(folder: Path, hf_config) -> dict:
+    """The checkpoint's generation settings as transformers derives them (generation_config.json, else config)."""
+    from transformers import GenerationConfig
+
+    if (Path(folder) / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(folder).to_dict()
+    return GenerationConfig.from_model_config(hf_config).to_dict()
+
+
+def seq2seq_generator(functional, config, folder: Path, hf_config, tokenizer):
+    """(jitted generate fn, settings) for an encoder-decoder model: generation_config + config.decode overrides."""
+    from jaxsft import decoding
+    from jaxsft.models import compute_dtype
+
+    settings = decoding.seq2seq_settings(generation_config(folder, hf_config), config.decode,
+                                         fallback_pad=tokenizer.pad_token_id, fallback_eos=tokenizer.eos_token_id)
+    return decoding.make_seq2seq_generate_fn(functional, settings, compute_dtype(config.dtype)), settings
+
+
+def translate(generator, params, features, task, config, tokenizer, mesh) -> list[str]:
+    """Hypotheses (detokenized strings) for every example of `features`, in order."""
+    from jaxsft import decoding
+
+    generate_fn, settings = generator
+    bs = eval_batch_size(config, mesh)
+    outs = decoding.seq2seq_generate(generate_fn, params, task.prompts_for_generation(features), batch_size=bs,
+                                     pad_id=tokenizer.pad_token_id, buckets=buckets(config))
+    eos = set(settings.eos_token_ids)
+    return tokenizer.batch_decode([decoding.cut_at_eos(o, eos, tokenizer.pad_token_id) for o in outs],
+                                  skip_special_tokens=True)
+
+
+def hypothesis_fn(task, functional, config, folder: Path, hf_config, tokenizer, mesh):
+    """For tasks that score generations at evaluation (translation): params, features → hypothesis strings;
+    None when the task and config do not generate."""
+    if not getattr(task, "eval_generates", lambda c: False)(config):
+        return None
+    if config.task == "seq2seq":
+        generator = seq2seq_generator(functional, config, folder, hf_config, tokenizer)
+        return lambda params, features: translate(generator, params, features, task, config, tokenizer, mesh)
+    from jaxsft import decoding
+    from jaxsft.models import compute_dtype
+
+    eos = decoding.eos_ids_for(folder, tokenizer)
+    fn = decoding.make_generate_fn(functional, decoding.Sampling(config.decode.max_new_tokens or 128), eos,
+                                   tokenizer.pad_token_id, compute_dtype(config.dtype))
+
+    def run(params, features):
+        ids = [task.encode_prompt(tokenizer, config, p) for p in features.prompts]
+        outs = decoding.generate(fn, params, ids, batch_size=eval_batch_size(config, mesh),
+                                 pad_id=tokenizer.pad_token_id, max_prompt=config.max_length)
+        return tokenizer.batch_decode([decoding.cut_at_eos(o, eos, tokenizer.pad_token_id) for o in outs],
+                                      skip_special_tokens=True)
+
+    return run

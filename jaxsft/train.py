@@ -145,6 +145,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     folder = hf_io.resolve(config.model.name_or_path)
     hf_config = pipeline.load_hf_config(folder, "model.name_or_path")
     tokenizer = pipeline.load_tokenizer(folder, "model.name_or_path")
+    if config.task == "seq2seq" and config.model.decoder_start_token_id is None:
+        start = getattr(hf_config, "decoder_start_token_id", None)
+        config.model.decoder_start_token_id = tokenizer.pad_token_id if start is None else int(start)
     train_ds, eval_ds = pipeline.load_splits(config)
     task.resolve_labels(config, train_ds)
     train = task.featurize(train_ds, tokenizer, config, "data.train", config.data.train, need_labels=True)
@@ -156,8 +159,15 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     if hasattr(task, "set_label_config"):
         task.set_label_config(hf_config, config)
     model, trainable = pipeline.build(hf_config, config, with_lora=False)
-    params, report = load_weights(model, hf_io.read_weights(folder), str(config.model.name_or_path))
-    report_load(report, type(model).__name__, str(config.model.name_or_path))
+    if config.model.from_scratch:  # the architecture only: fresh random weights (HF initialisation ranges)
+        from jaxsft.models import flatten_state
+
+        params = flatten_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        log.info("model.from_scratch: %s with %d fresh random parameters", type(model).__name__,
+                 sum(v.size for v in params.values()))
+    else:
+        params, report = load_weights(model, hf_io.read_weights(folder), str(config.model.name_or_path))
+        report_load(report, type(model).__name__, str(config.model.name_or_path))
     if trainable is not None:  # LoRA: adapters join the loaded weights; only they (and a new head) train
         from jaxsft.models import flatten_state, lora
 
@@ -208,16 +218,21 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
              "(buckets %s)", total, plan.num_batches, config.batch_size, mesh.size, dict(mesh.shape),
              100 * padding_share(train.lengths, plan.epoch(0), config.batch_size, bucket_list), bucket_list)
 
+    hypotheses = pipeline.hypothesis_fn(task, functional, config, folder, hf_config, tokenizer, mesh)
+
     def evaluate(step_no: int) -> dict:
         if evals is None:
             return {}
         t0 = time.time()
-        outputs = pipeline.predict(eval_step, {**state.get("frozen", {}), **state["params"]}, evals, config, mesh,
-                                   task, pad_id)
+        params_now = {**state.get("frozen", {}), **state["params"]}
+        outputs = pipeline.predict(eval_step, params_now, evals, config, mesh, task, pad_id)
         m = task.compute_metrics(outputs, evals, config)
+        if hypotheses is not None:  # translation: decode the eval set and score the hypotheses
+            m.update(task.generation_metrics(hypotheses(params_now, evals), evals, config))
         m["eval_seconds"] = round(time.time() - t0, 3)
         writer.write(step_no, {**m, "epoch": round(step_no / plan.num_batches, 4)})
-        log.info("eval at step %d: %s", step_no, {k: round(v, 4) for k, v in m.items()})
+        log.info("eval at step %d: %s", step_no, {k: round(v, 4) if isinstance(v, float) else v
+                                                  for k, v in m.items()})
         return m
 
     progress = Progress(total, step)

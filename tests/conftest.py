@@ -153,3 +153,70 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def seq2seq_tokenizer():
+    """A seq2seq-like fast tokenizer (sources and targets end with EOS) from MiniLM's WordPiece vocabulary."""
+    import transformers as tf
+    from tokenizers import processors
+
+    base = tf.AutoTokenizer.from_pretrained(minilm_path())
+    bt = base.backend_tokenizer
+    bt.post_processor = processors.TemplateProcessing(single="$A [SEP]", pair="$A [SEP] $B [SEP]",
+                                                      special_tokens=[("[SEP]", base.sep_token_id)])
+    return tf.PreTrainedTokenizerFast(tokenizer_object=bt, eos_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]")
+
+
+def make_tiny_seq2seq(out: Path, kind: str = "marian", std: float | None = None, **overrides) -> Path:
+    """A tiny random T5 / Marian checkpoint (PyTorch, safetensors) with `seq2seq_tokenizer()`."""
+    torch = pytest.importorskip("torch")
+    import transformers as tf
+
+    tok = seq2seq_tokenizer()
+    torch.manual_seed(0)
+    v, pad, eos = tok.vocab_size, tok.pad_token_id, tok.eos_token_id
+    if kind in ("t5", "t5-relu", "mt5"):
+        cfg = dict(vocab_size=v, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, pad_token_id=pad,
+                   eos_token_id=eos, decoder_start_token_id=pad,
+                   feed_forward_proj="relu" if kind == "t5-relu" else "gated-gelu",
+                   tie_word_embeddings=kind == "t5-relu", initializer_factor=std or 1.0)
+        cls, conf = (tf.MT5ForConditionalGeneration, tf.MT5Config) if kind == "mt5" else \
+            (tf.T5ForConditionalGeneration, tf.T5Config)
+        model = cls(conf(**{**cfg, **overrides}))
+    elif kind == "marian":
+        cfg = dict(vocab_size=v, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                   decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, pad_token_id=pad,
+                   eos_token_id=eos, decoder_start_token_id=pad, max_position_embeddings=128, init_std=std or 0.02)
+        model = tf.MarianMTModel(tf.MarianConfig(**{**cfg, **overrides}))
+    else:
+        raise ValueError(kind)
+    model.generation_config.pad_token_id = pad
+    model.generation_config.eos_token_id = eos
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+LEXICON = {"the": "die", "a": "eine", "cat": "katze", "dog": "hund", "man": "mann", "woman": "frau",
+           "red": "rote", "big": "große", "small": "kleine", "runs": "läuft", "sleeps": "schläft", "eats": "isst",
+           "here": "hier", "now": "jetzt", "old": "alte", "young": "junge"}
+
+
+def parallel_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Synthetic en→de pairs a tiny model can learn: word-for-word through LEXICON, mixed lengths."""
+    import random
+
+    rng = random.Random(seed)
+    words = list(LEXICON)
+    rows = []
+    for _ in range(n):
+        src = [rng.choice(words) for _ in range(rng.choice([2, 3, 5, 8, 12]))]
+        rows.append((" ".join(src), " ".join(LEXICON[w] for w in src)))
+    return rows
+
+
+def write_parallel(folder: Path, name: str, rows: list[tuple[str, str]]) -> str:
+    """Two line-aligned files; returns the `src,tgt` spec."""
+    (folder / f"{name}.en").write_text("".join(s + "\n" for s, _ in rows))
+    (folder / f"{name}.de").write_text("".join(t + "\n" for _, t in rows))
+    return f"{folder / name}.en,{folder / name}.de"

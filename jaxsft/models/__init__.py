@@ -101,18 +101,22 @@ def load_weights(model: nnx.Module, weights: dict[str, np.ndarray], source: str)
     params = flatten_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     report = LoadReport()
     used = set()
+    fallbacks = getattr(family, "WEIGHT_FALLBACKS", {})  # weights transformers ties on load when absent
     for path, init in params.items():
         name, transpose = hf_name(path)
-        if name not in ckpt:
+        source_name = name if name in ckpt else fallbacks.get(name)
+        if source_name not in ckpt:
             report.missing.append(name)
             continue
-        arr = np.asarray(ckpt[name])
+        if source_name != name:
+            log.info("%s: %s is not in the checkpoint; tied to %s as transformers does", source, name, source_name)
+        arr = np.asarray(ckpt[source_name])
         arr = arr.T if transpose else arr
         if arr.shape != tuple(init.shape):
-            raise UserError(f"{source}: weight {name} has shape {tuple(np.asarray(ckpt[name]).shape)}, "
+            raise UserError(f"{source}: weight {name} has shape {tuple(np.asarray(ckpt[source_name]).shape)}, "
                             f"the config implies {tuple(init.shape)[::-1] if transpose else tuple(init.shape)}")
         params[path] = jnp.asarray(arr, dtype=init.dtype)
-        used.add(name)
+        used.add(source_name)
     report.unexpected = sorted(k for k in ckpt if k not in used and not k.endswith(family.IGNORED_HF_KEYS))
     if len(report.missing) == len(params):
         raise UserError(f"{source}: none of the checkpoint's weights match a {type(model).__name__} "

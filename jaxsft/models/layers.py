@@ -72,10 +72,12 @@ def sub_rng(rng, *ids: int):
     return rng
 
 
-def attention(q, k, v, mask, *, dropout_rate: float = 0.0, rng=None, scale: float | None = None,
+def attention(q, k, v, mask, *, bias=None, dropout_rate: float = 0.0, rng=None, scale: float | None = None,
               implementation: str | None = None):
     """Scaled dot-product attention: q (batch, T, heads, head_dim), k/v (batch, S, kv_heads, head_dim), a boolean
     mask broadcastable to (batch, heads, T, S). Grouped-query attention when kv_heads < heads (K/V not repeated).
+    `bias`: an optional additive float bias on the scaled scores, broadcastable to (batch, heads, T, S) (T5's
+    relative position bias).
 
     Training with attention-probability dropout takes the explicit path (no fused kernel has dropout); otherwise
     `jax.nn.dot_product_attention` runs cuDNN on GPU for half-precision inputs and XLA elsewhere, or the kernel
@@ -87,13 +89,17 @@ def attention(q, k, v, mask, *, dropout_rate: float = 0.0, rng=None, scale: floa
         kvh = k.shape[2]
         qg = q.reshape(b, t, kvh, h // kvh, d)  # query head i reads kv head i // (h // kvh), as HF's repeat_kv
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(F32).reshape(b, h, t, -1) * scale
+        if bias is not None:
+            scores = scores + bias.astype(F32)
         scores = jnp.where(mask, scores, jnp.finfo(F32).min)
         probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, rng).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs.reshape(b, kvh, h // kvh, t, -1), v)
         return out.reshape(b, t, h, d)
     if implementation is None and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         implementation = "cudnn"
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+    if bias is not None:  # XLA adds it to float32 scores; cuDNN wants the inputs' dtype
+        bias = bias.astype(q.dtype if implementation == "cudnn" else F32)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation)
 
 
 class RMSNorm(nnx.Module):
@@ -310,3 +316,76 @@ class LastTokenClassifier(nnx.Module):
         backbone = getattr(self, self.base_prefix)
         hidden, _ = backbone(input_ids, attention_mask, positions=index_positions(input_ids), rng=rng)
         return self.score(last_token_hidden(hidden, input_ids, self.pad_token_id)).astype(F32)
+
+
+# ---- encoder-decoder (seq2seq) models ----------------------------------------------------------------------------
+
+def padding_mask(attention_mask):
+    """(batch, S) of 1/0 → boolean (batch, 1, 1, S): every query sees the real keys (encoder and cross-attention)."""
+    return attention_mask.astype(bool)[:, None, None, :]
+
+
+def seq2seq_decoder_slots(decoder_input_ids, decoder_attention_mask, cache, cache_index):
+    """(query slots (T,), key slots (S,), causal self-attention mask (batch, 1, T, S)) of a seq2seq decoder call.
+
+    Teacher forcing (no cache): the T tokens are slots 0..T-1; pads marked in `decoder_attention_mask` (right
+    padding) are hidden. With a cache of max_length slots the T new tokens fill [cache_index, cache_index + T) and
+    see every slot up to their own. The decoder side has no left padding, so a token's slot is its position."""
+    b, t = decoder_input_ids.shape
+    if cache is None:
+        slots = jnp.arange(t, dtype=jnp.int32)
+        seg = jnp.ones((b, t), jnp.int32) if decoder_attention_mask is None else decoder_attention_mask
+        seg = seg.astype(jnp.int32)
+        return slots, slots, causal_mask(seg, seg, slots[None], slots[None])
+    q = jnp.asarray(cache_index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
+    kv = jnp.arange(cache["layers.0.k"].shape[1], dtype=jnp.int32)
+    return q, kv, jnp.broadcast_to(kv[None, :] <= q[:, None], (b, 1, t, kv.shape[0]))
+
+
+def self_attention_kv(k, v, cache, layer: int, cache_index, new_cache: dict):
+    """Teacher forcing: (k, v) unchanged. With a cache: writes them at `cache_index`, records the layer's updated
+    cache in `new_cache` and returns its full (k, v) in k's dtype."""
+    if cache is None:
+        return k, v
+    ck, cv = write_kv(cache, layer, k, v, cache_index)
+    new_cache[f"layers.{layer}.k"], new_cache[f"layers.{layer}.v"] = ck, cv
+    return ck.astype(k.dtype), cv.astype(v.dtype)
+
+
+class Seq2SeqLM(nnx.Module):
+    """The call interface every encoder-decoder family shares: teacher forcing, `encode`, `cross_kv`, cached `decode`.
+
+    A family provides `encode(input_ids, attention_mask, *, rng)`, `cross_attentions()` (its decoder layers'
+    cross-attention modules, each with `kv(encoder_hidden)` → (k, v)), `run_decoder(decoder_input_ids, cross,
+    attention_mask, decoder_attention_mask, *, rng, cache, cache_index)` → (hidden, new_cache), `logits(hidden)`,
+    and the attributes `dtype` and `cache_dims` = (decoder layers, heads, head_dim).
+    """
+
+    base_prefix = ""
+
+    def __call__(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None, *, rng=None):
+        """Teacher-forced logits float32 (batch, T, vocab); `decoder_input_ids` are already shifted right."""
+        encoded = self.encode(input_ids, attention_mask, rng=sub_rng(rng, 0))
+        hidden, _ = self.run_decoder(decoder_input_ids, self.cross_kv(encoded), attention_mask, decoder_attention_mask,
+                                     rng=sub_rng(rng, 1))
+        return self.logits(hidden)
+
+    def cross_kv(self, encoder_hidden) -> dict:
+        """Cross-attention keys/values of every decoder layer, computed once per source batch:
+        {"layers.<i>.k" | "layers.<i>.v": (batch, S, heads, head_dim)}."""
+        out = {}
+        for i, attn in enumerate(self.cross_attentions()):
+            out[f"layers.{i}.k"], out[f"layers.{i}.v"] = attn.kv(encoder_hidden)
+        return out
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> dict:
+        """Empty self-attention K/V: {"layers.<i>.k" | "layers.<i>.v": zeros (batch, max_length, heads, head_dim)}."""
+        layers, heads, head_dim = self.cache_dims
+        return init_kv_cache(layers, batch_size, max_length, heads, head_dim, dtype or self.dtype)
+
+    def decode(self, decoder_input_ids, cross: dict, attention_mask, *, cache: dict, cache_index):
+        """(logits float32 (batch, T, vocab), new cache) for T decoder tokens at slots [cache_index, cache_index + T),
+        attending the cached slots up to their own and, through `cross`, the source tokens `attention_mask` marks."""
+        hidden, new_cache = self.run_decoder(decoder_input_ids, cross, attention_mask, None, rng=None, cache=cache,
+                                             cache_index=cache_index)
+        return self.logits(hidden), new_cache

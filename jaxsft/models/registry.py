@@ -5,10 +5,11 @@ from __future__ import annotations
 from types import ModuleType
 
 from jaxsft.errors import UserError
-from jaxsft.models import bert, decoder, gpt2
+from jaxsft.models import bert, decoder, gpt2, marian, t5
 
-FAMILIES: dict[str, ModuleType] = {t: family for family in (bert, decoder, gpt2) for t in family.MODEL_TYPES}
-TASK_BUILDERS = {"classification": "sequence_classification", "causal_lm": "causal_lm"}
+FAMILIES: dict[str, ModuleType] = {t: family for family in (bert, decoder, gpt2, t5, marian)
+                                  for t in family.MODEL_TYPES}
+TASK_BUILDERS = {"classification": "sequence_classification", "causal_lm": "causal_lm", "seq2seq": "seq2seq_lm"}
 
 
 def family_for(hf_config) -> ModuleType:

@@ -80,7 +80,18 @@ class Features:
 
 
 def checkpoint_metric(config) -> tuple[str, str]:
-    return default_metric
+    return ("eval_bleu", "max") if eval_generates(config) else default_metric
+
+
+def eval_generates(config) -> bool:
+    """Translation prompts (data.format "translation") are scored by BLEU/chrF on greedy generations."""
+    return config.data.format == "translation"
+
+
+def generation_metrics(hypotheses: list[str], features, config) -> dict:
+    from jaxsft.tasks import seq2seq
+
+    return seq2seq.generation_metrics(hypotheses, features, config)
 
 
 def id2label(config) -> dict[int, str]:
@@ -99,6 +110,9 @@ def detect_format(ds, key: str, spec: str) -> str:
 def resolve_labels(config, train_ds) -> None:
     """No labels: detects the data format from the training columns into `data.format` (or checks the given one)."""
     d = config.data
+    if d.format == "translation":  # source/target pairs → prompt/completion (configs/translate_llm.py)
+        require_columns(train_ds, [d.source_field, d.target_field], "data.train", d.train, "data.source_field")
+        return
     if d.format:
         if d.format not in FORMATS:
             raise UserError(f"data.format: {d.format!r} is not one of {', '.join(FORMATS)}")
@@ -171,6 +185,12 @@ class _Chat:  # a conversation tokenized whole; loss on the turns in `loss_turns
 def _examples(ds, config, key: str, spec: str, chat: bool) -> tuple[list, list[str]]:
     """Per data set row: a _Plain or _Chat, and the reference text."""
     fmt = config.data.format or detect_format(ds, key, spec)
+    if fmt == "translation":
+        from jaxsft.tasks import seq2seq
+
+        ds, fmt = seq2seq.to_instruction_rows(ds, config, key, spec), "prompt_completion"
+        if "completion" not in ds.column_names:  # unlabelled sources: prompts only, nothing to score
+            ds = ds.add_column("completion", [""] * len(ds))
     require_columns(ds, FORMATS[fmt], key, spec, "data.format")
     on_prompt = bool(config.data.train_on_prompt)
     out, refs = [], []
@@ -372,3 +392,10 @@ def compute_metrics(outputs: np.ndarray, features: Features, config) -> dict[str
         return {}
     nll = float(outputs[:, 0].sum() / tokens)
     return {"eval_loss": nll, "eval_perplexity": float(np.exp(nll))}
+
+
+def prediction_lines(hypotheses: list[str]) -> list[str]:
+    """Translation prompts: one hypothesis per line (sacrebleu-ready), as the seq2seq task writes them."""
+    from jaxsft.tasks import seq2seq
+
+    return seq2seq.prediction_lines(hypotheses)

@@ -1,0 +1,226 @@
+"""Marian (opus-mt): NNX post-LayerNorm encoder-decoder with transformers' module names (see bert.py for the rule).
+
+Positions are sinusoidal (computed, never a parameter: HF's `embed_positions.weight` is ignored on load and not
+written); `scale_embedding` multiplies token embeddings by sqrt(d_model). `final_logits_bias` is a buffer in HF,
+saved in checkpoints: here a parameter that is loaded and exported but, as in HF, never trained (stop_gradient).
+With `share_encoder_decoder_embeddings` the one table is `model.shared`; otherwise the encoder and decoder have their
+own `embed_tokens`. A tied lm_head is the decoder's token table.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxsft.models.layers import (
+    F32,
+    LayerNorm,
+    Seq2SeqLM,
+    activation,
+    attention,
+    dense,
+    dropout,
+    embed,
+    padding_mask,
+    self_attention_kv,
+    seq2seq_decoder_slots,
+    sub_rng,
+)
+
+MODEL_TYPES = ("marian",)
+
+
+@functools.lru_cache(maxsize=8)
+def sinusoidal_table(num_positions: int, dim: int) -> np.ndarray:
+    """MarianSinusoidalPositionalEmbedding's weights (float64 maths, float32 result): sines in the first half of
+    the features, cosines in the second."""
+    angles = np.arange(num_positions)[:, None] / np.power(10000, 2 * (np.arange(dim) // 2) / dim)[None, :]
+    out = np.empty((num_positions, dim), np.float32)
+    half = dim // 2 + dim % 2
+    out[:, :half], out[:, half:] = np.sin(angles[:, 0::2]), np.cos(angles[:, 1::2])
+    return out
+
+
+class MarianAttention(nnx.Module):
+    def __init__(self, cfg, heads: int, dtype, rngs: nnx.Rngs):
+        d, std = cfg.d_model, cfg.init_std
+        self.num_heads, self.head_dim = heads, d // heads
+        self.k_proj = dense(d, d, dtype=dtype, rngs=rngs, std=std)
+        self.v_proj = dense(d, d, dtype=dtype, rngs=rngs, std=std)
+        self.q_proj = dense(d, d, dtype=dtype, rngs=rngs, std=std)
+        self.out_proj = dense(d, d, dtype=dtype, rngs=rngs, std=std)
+        self.rate = cfg.attention_dropout
+
+    def kv(self, x):
+        b, s, _ = x.shape
+        return (self.k_proj(x).reshape(b, s, self.num_heads, self.head_dim),
+                self.v_proj(x).reshape(b, s, self.num_heads, self.head_dim))
+
+    def __call__(self, x, k, v, mask, rng, cached: bool):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        out = attention(q, k, v, mask, dropout_rate=self.rate, rng=rng, implementation="xla" if cached else None)
+        return self.out_proj(out.reshape(b, t, -1))
+
+
+class MarianLayer(nnx.Module):
+    """What encoder and decoder layers share: self-attention, the feed-forward pair and their post-LayerNorms."""
+
+    def _setup(self, cfg, heads: int, ffn_dim: int, dtype, rngs: nnx.Rngs):
+        d, std = cfg.d_model, cfg.init_std
+        self.self_attn = MarianAttention(cfg, heads, dtype, rngs)
+        self.self_attn_layer_norm = LayerNorm(d, eps=1e-5, rngs=rngs)
+        self.fc1 = dense(d, ffn_dim, dtype=dtype, rngs=rngs, std=std)
+        self.fc2 = dense(ffn_dim, d, dtype=dtype, rngs=rngs, std=std)
+        self.final_layer_norm = LayerNorm(d, eps=1e-5, rngs=rngs)
+        self.activation_fn = activation(cfg.activation_function)
+        self.rate, self.activation_dropout = cfg.dropout, cfg.activation_dropout
+
+    def _ffn(self, x, rng):
+        """fc1 → activation → dropout → fc2 → dropout, then the residual and final_layer_norm."""
+        h = dropout(self.activation_fn(self.fc1(x)), self.activation_dropout, sub_rng(rng, 0))
+        return self.final_layer_norm(x + dropout(self.fc2(h), self.rate, sub_rng(rng, 1)))
+
+
+class MarianEncoderLayer(MarianLayer):
+    def __init__(self, cfg, dtype, rngs: nnx.Rngs):
+        self._setup(cfg, cfg.encoder_attention_heads, cfg.encoder_ffn_dim, dtype, rngs)
+
+    def __call__(self, x, mask, rng):
+        h = self.self_attn(x, *self.self_attn.kv(x), mask, sub_rng(rng, 0), False)
+        x = self.self_attn_layer_norm(x + dropout(h, self.rate, sub_rng(rng, 1)))
+        return self._ffn(x, sub_rng(rng, 2))
+
+
+class MarianDecoderLayer(MarianLayer):
+    def __init__(self, cfg, dtype, rngs: nnx.Rngs):
+        self._setup(cfg, cfg.decoder_attention_heads, cfg.decoder_ffn_dim, dtype, rngs)
+        self.encoder_attn = MarianAttention(cfg, cfg.decoder_attention_heads, dtype, rngs)
+        self.encoder_attn_layer_norm = LayerNorm(cfg.d_model, eps=1e-5, rngs=rngs)
+
+    def __call__(self, x, mask, cross_k, cross_v, cross_mask, rng, cache, layer, cache_index, new_cache):
+        cached = cache is not None
+        k, v = self_attention_kv(*self.self_attn.kv(x), cache, layer, cache_index, new_cache)
+        h = self.self_attn(x, k, v, mask, sub_rng(rng, 0), cached)
+        x = self.self_attn_layer_norm(x + dropout(h, self.rate, sub_rng(rng, 1)))
+        h = self.encoder_attn(x, cross_k, cross_v, cross_mask, sub_rng(rng, 2), cached)
+        x = self.encoder_attn_layer_norm(x + dropout(h, self.rate, sub_rng(rng, 3)))
+        return self._ffn(x, sub_rng(rng, 4))
+
+
+class MarianStack(nnx.Module):
+    """Token embeddings × embed_scale + sinusoidal positions → dropout (the start of HF's encoder and decoder)."""
+
+    def _embed(self, tokens: nnx.Embed, input_ids, positions, rng):
+        x = tokens(input_ids) * self.embed_scale
+        x = x + jnp.take(jnp.asarray(sinusoidal_table(self.max_positions, self.d_model)), positions, axis=0,
+                         mode="clip").astype(x.dtype)
+        return dropout(x, self.rate, rng)
+
+    def _setup(self, cfg, vocab_size: int | None, dtype, rngs: nnx.Rngs):
+        d = cfg.d_model
+        self.embed_tokens = None if vocab_size is None else embed(vocab_size, d, dtype=dtype, rngs=rngs,
+                                                                    std=cfg.init_std)
+        self.embed_scale = math.sqrt(d) if cfg.scale_embedding else 1.0
+        self.max_positions, self.d_model, self.rate = cfg.max_position_embeddings, d, cfg.dropout
+
+
+class MarianEncoder(MarianStack):
+    def __init__(self, cfg, vocab_size: int | None, dtype, rngs: nnx.Rngs):
+        self._setup(cfg, vocab_size, dtype, rngs)
+        self.layers = nnx.List([MarianEncoderLayer(cfg, dtype, rngs) for _ in range(cfg.encoder_layers)])
+
+    def __call__(self, tokens: nnx.Embed, input_ids, attention_mask, rng):
+        x = self._embed(tokens, input_ids, jnp.arange(input_ids.shape[1]), sub_rng(rng, 1000))
+        mask = padding_mask(attention_mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, sub_rng(rng, i))
+        return x
+
+
+class MarianDecoder(MarianStack):
+    def __init__(self, cfg, vocab_size: int | None, dtype, rngs: nnx.Rngs):
+        self._setup(cfg, vocab_size, dtype, rngs)
+        self.layers = nnx.List([MarianDecoderLayer(cfg, dtype, rngs) for _ in range(cfg.decoder_layers)])
+
+    def __call__(self, tokens: nnx.Embed, decoder_input_ids, cross, attention_mask, decoder_attention_mask, rng,
+                 cache, cache_index):
+        """(hidden (batch, T, d_model), updated self-attention cache ({} without one))."""
+        positions, _, mask = seq2seq_decoder_slots(decoder_input_ids, decoder_attention_mask, cache, cache_index)
+        x = self._embed(tokens, decoder_input_ids, positions, sub_rng(rng, 1000))
+        cross_mask, new_cache = padding_mask(attention_mask), {}
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, cross[f"layers.{i}.k"], cross[f"layers.{i}.v"], cross_mask, sub_rng(rng, i), cache, i,
+                      cache_index, new_cache)
+        return x, new_cache
+
+
+class MarianModel(nnx.Module):
+    def __init__(self, cfg, dtype, rngs: nnx.Rngs):
+        shared = cfg.share_encoder_decoder_embeddings
+        self.shared = embed(cfg.vocab_size, cfg.d_model, dtype=dtype, rngs=rngs, std=cfg.init_std) if shared else None
+        self.encoder = MarianEncoder(cfg, None if shared else cfg.vocab_size, dtype, rngs)
+        self.decoder = MarianDecoder(cfg, None if shared else cfg.decoder_vocab_size, dtype, rngs)
+
+    def tokens(self, stack: MarianStack) -> nnx.Embed:
+        return self.shared if self.shared is not None else stack.embed_tokens
+
+
+class MarianMTModel(Seq2SeqLM):
+    """HF's MarianMTModel: model (shared embeddings, encoder, decoder), lm_head (tied unless configured not to),
+    final_logits_bias."""
+
+    base_prefix = "model"
+
+    def __init__(self, cfg, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        self.model = MarianModel(cfg, dtype, rngs)
+        vocab = cfg.vocab_size if cfg.share_encoder_decoder_embeddings else cfg.decoder_vocab_size
+        self.final_logits_bias = nnx.Param(jnp.zeros((1, vocab), F32))
+        tied = bool(getattr(cfg, "tie_word_embeddings", True))
+        self.lm_head = None if tied else dense(cfg.d_model, vocab, dtype=dtype, rngs=rngs, std=cfg.init_std,
+                                               use_bias=False)
+        heads = cfg.decoder_attention_heads
+        self.dtype, self.cache_dims = dtype, (cfg.decoder_layers, heads, cfg.d_model // heads)
+
+    def encode(self, input_ids, attention_mask, *, rng=None):
+        """Encoder hidden states (batch, S, d_model) in the compute dtype."""
+        return self.model.encoder(self.model.tokens(self.model.encoder), input_ids, attention_mask, rng)
+
+    def cross_attentions(self) -> list:
+        return [layer.encoder_attn for layer in self.model.decoder.layers]
+
+    def run_decoder(self, decoder_input_ids, cross, attention_mask, decoder_attention_mask, *, rng=None, cache=None,
+                    cache_index=None):
+        decoder = self.model.decoder
+        return decoder(self.model.tokens(decoder), decoder_input_ids, cross, attention_mask, decoder_attention_mask,
+                       rng, cache, cache_index)
+
+    def logits(self, hidden):
+        head = self.model.tokens(self.model.decoder).attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+        return head.astype(F32) + jax.lax.stop_gradient(self.final_logits_bias[...])
+
+
+def seq2seq_lm(cfg, dtype, rngs: nnx.Rngs) -> nnx.Module:
+    return MarianMTModel(cfg, dtype, rngs=rngs)
+
+
+def hf_architecture(cfg, task: str) -> str:
+    """The transformers class name an export of this family and task loads as."""
+    return "MarianMTModel"
+
+
+def normalize_hf_key(key: str, base_prefix: str) -> str:
+    """Base-model (MarianModel) checkpoints lack the `model.` prefix."""
+    if key.startswith(("shared.", "encoder.", "decoder.")):
+        return f"{base_prefix}.{key}"
+    return key
+
+
+# embed_positions: sinusoidal, recomputed; embed_tokens and a tied lm_head: aliases of the shared table.
+IGNORED_HF_KEYS = ("embed_positions.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight",
+                   "lm_head.weight")
