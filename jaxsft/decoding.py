@@ -187,6 +187,10 @@ def seq2seq_settings(generation_config: dict, decode_config, *, fallback_pad: in
             bad.append(int(seq[0]))
         elif len(seq) > 1:
             log.warning("warning: multi-token bad_words_ids %s are not applied", seq)
+    for key, neutral in (("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0), ("encoder_no_repeat_ngram_size", 0),
+                         ("diversity_penalty", 0.0), ("exponential_decay_length_penalty", None)):
+        if g.get(key) not in (None, neutral):
+            log.warning("warning: generation_config %s=%s is not applied by jaxsft's decoding", key, g[key])
     num_beams = decode_config.num_beams or g.get("num_beams") or 1
     def pick(override, key, default):
         if override is not None:

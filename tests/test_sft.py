@@ -193,6 +193,7 @@ CHATML = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} [SEP] {
           "{% if add_generation_prompt %}<|assistant|> {% endif %}")
 
 
+@pytest.mark.slow  # ~40 s
 def test_chat_messages_with_config_template_train_generate_and_export(tmp_path):
     model = make_tiny_decoder(tmp_path / "llama")
     rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}

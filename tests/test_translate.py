@@ -117,6 +117,7 @@ def test_evaluate_hypotheses_and_export_beam_search_equal_transformers(mt_run, t
     assert gen[0]["completion"].strip() == hyps[0].strip()
 
 
+@pytest.mark.slow  # ~20 s
 def test_from_scratch_starts_from_random_weights(tmp_path):
     model = make_tiny_seq2seq(tmp_path / "marian", "marian")  # init_std 0.02: fresh logits are near zero
     train = write_parallel(tmp_path, "train", parallel_rows(32))
@@ -129,6 +130,7 @@ def test_from_scratch_starts_from_random_weights(tmp_path):
     assert abs(first["loss"] - np.log(vocab)) < 1.5  # fresh init: near-uniform predictions
 
 
+@pytest.mark.slow  # ~30 s
 def test_translation_as_sft_on_a_decoder_reports_bleu(tmp_path):
     from conftest import make_tiny_decoder
 
