@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--batch_size", type=int, default=48)
+    ap.add_argument("--learning_rate", type=float, default=2e-3)
+    ap.add_argument("--evals", type=int, default=2, help="evaluations on val during training")
     args = ap.parse_args()
     data = Path(args.data)
     if not (data / "train.en").is_file():
@@ -72,14 +74,16 @@ def main() -> None:
     # test-set evaluation (~4 minutes together).
     budget_s = args.minutes * 60 - (time.time() - t0) - 240
     steps = int(budget_s / float(os.environ.get("MT_CHECK_STEP_S", "1.1")))
+    print(f"training {steps} steps", flush=True)
     common = [f"--config.model.name_or_path={model}", "--config.model.from_scratch=True",
               f"--config.data.train={data}/train.en,{data}/train.de",
               f"--config.data.eval={data}/val.en,{data}/val.de"]
     run([sys.executable, "-m", "jaxsft.run", "--config", "configs/translate.py", "--workdir", str(tmp / "w"), *common,
-         f"--config.max_steps={steps}", f"--config.batch_size={args.batch_size}", "--config.learning_rate=2e-3",
+         f"--config.max_steps={steps}", f"--config.batch_size={args.batch_size}",
+         f"--config.learning_rate={args.learning_rate}",
          "--config.warmup_steps=300", "--config.weight_decay=0.0", "--config.max_length=48",
          "--config.data.max_target_length=48", "--config.decode.num_beams=1", "--config.decode.max_new_tokens=40",
-         f"--config.eval_every_steps={max(steps // 2, 1)}", "--config.eval_batch_size=128",
+         f"--config.eval_every_steps={max(steps // max(args.evals, 1), 1)}", "--config.eval_batch_size=128",
          "--config.log_every_steps=200"])
     out = run([sys.executable, "-m", "jaxsft.evaluate", "--workdir", str(tmp / "w"),
                f"--config.data.eval={data}/test_2016_flickr.en,{data}/test_2016_flickr.de",

@@ -17,7 +17,7 @@ log = logging.getLogger("jaxsft")
 class Checkpoints:
     def __init__(self, directory: Path, *, keep: int = 2, metric: str | None = None, mode: str = "max",
                  read_only: bool = False):
-        self.metric, self.mode = metric, mode
+        self.metric, self.mode, self.directory = metric, mode, Path(directory)
         policies = [pp.LatestN(n=max(int(keep), 1))]
         if metric:
             policies.append(pp.BestN(get_metric_fn=lambda m: m[metric], reverse=(mode == "min"), n=1,
@@ -64,9 +64,12 @@ class Checkpoints:
         scored = []
         for s in steps:
             try:
-                value = self.read_meta(s).get("eval_metrics", {}).get(self.metric)
+                meta = self.read_meta(s)
             except Exception:  # noqa: BLE001
                 continue
+            if meta.get("stopped_by"):  # saved on a signal: its eval metrics belong to an earlier step
+                continue
+            value = meta.get("eval_metrics", {}).get(self.metric)
             if value is not None:
                 scored.append((value, s))
         if not scored:

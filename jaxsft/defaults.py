@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.adam_beta2 = 0.999
     c.adam_epsilon = 1e-8
     c.label_smoothing = 0.0
+    c.skip_nonfinite_updates = False  # True: a step with a NaN/inf loss or gradient leaves the weights as they were
 
     c.log_every_steps = 50
     c.eval_every_steps = -1  # <= 0: at the end of every epoch

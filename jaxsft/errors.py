@@ -1,4 +1,5 @@
-"""The one exception type for bad user input, and the CLI wrapper that turns it into one line and exit 2."""
+"""Exceptions a CLI turns into one line and an exit code: bad input (2), a run stopped on a signal after a
+checkpoint (75), a run that cannot go on (1)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,19 @@ from collections.abc import Callable
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint written; rerun the same command to resume
 
 
 class UserError(Exception):
     """Bad input (config, data, checkpoint folder, workdir): the message names the offending thing."""
+
+
+class RunFailed(Exception):
+    """A run that cannot go on (not bad input), e.g. a non-finite loss: one line, exit 1."""
+
+
+class Stopped(Exception):
+    """Training stopped at a step boundary on SIGTERM/SIGINT after writing a checkpoint: exit 75."""
 
 
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
@@ -28,6 +38,14 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
+    except Stopped as e:
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(EXIT_STOPPED)
+    except RunFailed as e:
+        if verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_FAILURE)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)

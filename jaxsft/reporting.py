@@ -14,18 +14,38 @@ log = logging.getLogger("jaxsft")
 
 
 class MetricsWriter:
-    """Appends one JSON object per event (always with `step`) to W/metrics.jsonl; process 0 only."""
+    """Appends one JSON object per event (always with `step` and `time`) to W/metrics.jsonl and every numeric
+    value to TensorBoard event files in W/tensorboard/ (tensorboardX, no TensorFlow); process 0 only."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.enabled = jax.process_index() == 0
+        self.tb = None
+        if self.enabled:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+            except Exception as e:  # noqa: BLE001 - TensorBoard is a view; metrics.jsonl stays the record
+                log.warning("warning: no TensorBoard events (%s: %s)", type(e).__name__, e)
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        row = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
+        now = time.time()
+        row = {"step": int(step), **{k: _plain(v) for k, v in values.items()}, "time": round(now, 3)}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, global_step=int(step), walltime=now)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
 
 def _plain(v):

@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -23,7 +25,8 @@ from jaxsft import config as config_lib
 from jaxsft import hf_io, optim, parallel, pipeline
 from jaxsft.checkpoint import Checkpoints, abstract
 from jaxsft.data.batching import BatchPlan, padding_share
-from jaxsft.errors import UserError
+from jaxsft.errors import EXIT_FAILURE, RunFailed, Stopped, UserError
+from jaxsft.lock import WorkdirLock
 from jaxsft.models import Functional, compute_dtype, load_weights, report_load
 from jaxsft.reporting import MetricsWriter, Progress
 
@@ -75,7 +78,11 @@ def mesh_for(config):
 
 
 def make_train_step(functional, task, tx, config, mesh):
-    """A pure, jitted step: (state, batch, step) → (state, {loss_sum, count, grad_norm}); state is donated."""
+    """A pure, jitted step: (state, batch, step) → (state, {loss_sum, count, grad_norm, finite}); state is donated.
+
+    With `skip_nonfinite_updates`, a step whose loss or gradient norm is not finite leaves params and optimizer
+    state unchanged and adds nothing to the loss sums; the host counts these steps from `finite`."""
+    skip = bool(config.skip_nonfinite_updates)
     k = config.gradient_accumulation_steps
     key = jax.random.key(config.seed)
 
@@ -103,10 +110,16 @@ def make_train_step(functional, task, tx, config, mesh):
             (loss_sum, count, grads), _ = jax.lax.scan(body, (scalar, scalar, zeros), (jnp.arange(k), micro))
         grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return pipeline.train_state(params, frozen, opt_state), {"loss_sum": loss_sum, "count": count,
-                                                                 "grad_norm": grad_norm}
+        finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        if skip:
+            keep = lambda new, old: jnp.where(finite, new, old)
+            new_params, new_opt_state = jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state,
+                                                                                              opt_state)
+            loss_sum, count = jnp.where(finite, loss_sum, 0.0), jnp.where(finite, count, 0.0)
+        return pipeline.train_state(new_params, frozen, new_opt_state), {"loss_sum": loss_sum, "count": count,
+                                                                         "grad_norm": grad_norm, "finite": finite}
 
     rep = parallel.replicated(mesh)
     return jax.jit(step, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=(rep, rep),
@@ -128,11 +141,65 @@ def _write_workdir_files(workdir: Path, config, hf_config, tokenizer, folder: Pa
     (workdir / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
 
 
+class _StopSignals:
+    """SIGTERM/SIGINT set a flag the loop checks at step boundaries; a second one exits at once with code 1
+    (Orbax commits a checkpoint by renaming a finished temp folder, so the newest complete one stays intact)."""
+
+    def __init__(self):
+        self.name: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.name is not None:
+            os.write(2, f"error: second signal ({name}) while stopping: exited at once; the newest complete "
+                        "checkpoint is kept\n".encode())
+            os._exit(EXIT_FAILURE)
+        self.name = name
+        log.info("%s: stopping after the current step with a checkpoint (a second signal exits at once)", name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+
+
+def _drain(pending: list, ckpts: Checkpoints, skip: bool) -> tuple[float, float, int, float]:
+    """(loss_sum, count, skipped steps, last grad_norm) of the un-fetched step outputs; without `skip`, a
+    non-finite step stops the run before anything of that state is saved."""
+    vals = jax.device_get([out for _, out in pending])
+    for (step_no, _), v in zip(pending, vals):
+        if not skip and not v["finite"]:
+            good = ckpts.steps()
+            raise RunFailed(f"loss or gradient norm is not finite at step {step_no}, so the run stopped without "
+                            f"saving it; last good checkpoint: {f'step {good[-1]}' if good else 'none'} in "
+                            f"{ckpts.directory} (lower config.learning_rate, or set "
+                            "config.skip_nonfinite_updates=True to skip such updates)")
+    return (float(sum(v["loss_sum"] for v in vals)), float(sum(v["count"] for v in vals)),
+            int(sum(not v["finite"] for v in vals)), float(vals[-1]["grad_norm"]))
+
+
 def train_and_evaluate(config, workdir: str | Path) -> dict:
     """Fine-tunes per config, evaluating and checkpointing into workdir; resumes if workdir has checkpoints."""
     workdir = Path(workdir)
     validate(config)
     check_workdir(workdir)
+    lock = WorkdirLock(workdir)
+    if jax.process_index() == 0:  # one lock per run: on a shared filesystem the other processes are the same run
+        lock.check()
+    with _StopSignals() as stop:
+        try:
+            return _train_and_evaluate(config, workdir, lock, stop)
+        finally:
+            lock.release()
+
+
+def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSignals) -> dict:
     task = pipeline.task_module(config)
     mesh = mesh_for(config)
     if config.checkpoint_metric is None:
@@ -181,6 +248,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                  100 * n_train / sum(v.size for v in params.values()))
     functional = Functional(model)
     del model
+    if jax.process_index() == 0:
+        lock.acquire()
     _write_workdir_files(workdir, config, hf_config, tokenizer, folder)
     for what, f in (("train", train), ("eval", evals)):
         if task.name == "classification" and f is not None and (f.num_empty or f.num_truncated):
@@ -205,7 +274,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     ckpts = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints, metric=config.checkpoint_metric,
                         mode=config.checkpoint_mode)
     meta = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "acc_loss_sum": 0.0, "acc_count": 0.0,
-            "eval_metrics": {}}
+            "eval_metrics": {}, "skipped_updates": 0}
     restored = ckpts.restore_latest(abstract(state))
     if restored is not None:
         state, meta = restored
@@ -213,6 +282,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                  meta["batch_in_epoch"], workdir / "checkpoints")
     step, epoch, batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
     acc_loss, acc_count = meta["acc_loss_sum"], meta["acc_count"]
+    skip, skipped = bool(config.skip_nonfinite_updates), int(meta.get("skipped_updates", 0))
     writer = MetricsWriter(workdir / "metrics.jsonl")
     log.info("training %d steps (%d per epoch, batch %d, %d devices, mesh %s); padding %.1f%% of tokens "
              "(buckets %s)", total, plan.num_batches, config.batch_size, mesh.size, dict(mesh.shape),
@@ -239,6 +309,15 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     last_metrics: dict = meta.get("eval_metrics", {})
     t_log, ex_log, tok_log, pending = time.time(), 0, 0, []
     eval_every, ckpt_every = config.eval_every_steps, config.checkpoint_every_steps
+    if stop.name is not None:  # signalled while loading: nothing new to save
+        raise Stopped(f"stopped at step {step} on {stop.name} before training resumed — rerun the same command "
+                      "to resume")
+
+    def save_checkpoint(metrics: dict | None, **extra) -> None:
+        meta = {"step": step, "epoch": epoch_after, "batch_in_epoch": batch_after, "acc_loss_sum": acc_loss,
+                "acc_count": acc_count, "eval_metrics": last_metrics, "skipped_updates": skipped, **extra}
+        ckpts.save(step, state, meta, metrics)
+
     while step < total:
         batches = plan.epoch(epoch)
         for bi in range(batch_in_epoch, len(batches)):
@@ -249,18 +328,17 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
             step += 1
             ex_log += len(idx)
             tok_log += int(train.lengths[idx].sum())
-            pending.append(out)
+            pending.append((step, out))
             end_of_epoch = bi + 1 == len(batches)
             epoch_after, batch_after = (epoch + 1, 0) if end_of_epoch else (epoch, bi + 1)
             if step % config.log_every_steps == 0 or step == total:
-                vals = jax.device_get(pending)
-                acc_loss += float(sum(v["loss_sum"] for v in vals))
-                acc_count += float(sum(v["count"] for v in vals))
+                loss_sum, count, n_skipped, grad_norm = _drain(pending, ckpts, skip)
+                acc_loss, acc_count, skipped = acc_loss + loss_sum, acc_count + count, skipped + n_skipped
                 elapsed = time.time() - t_log
                 row = {"loss": acc_loss / max(acc_count, 1.0), "learning_rate": float(lr_fn(step - 1)),
-                       "grad_norm": float(vals[-1]["grad_norm"]), "examples_per_second": ex_log / elapsed,
+                       "grad_norm": grad_norm, "examples_per_second": ex_log / elapsed,
                        "tokens_per_second": tok_log / elapsed,
-                       "epoch": round(step / plan.num_batches, 4)}
+                       "epoch": round(step / plan.num_batches, 4), **({"skipped_updates": skipped} if skip else {})}
                 writer.write(step, row)
                 progress.update(step, {"loss": row["loss"], "ex/s": round(row["examples_per_second"], 1),
                                        **({config.checkpoint_metric: last_metrics[config.checkpoint_metric]}
@@ -270,24 +348,39 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                 or step == total
             ckpt_due = (ckpt_every > 0 and step % ckpt_every == 0) or (ckpt_every <= 0 and eval_due) \
                 or step == total
+            stopping = stop.name is not None and step < total
+            if (ckpt_due or stopping) and pending:  # checked, and the unlogged loss saved with the checkpoint
+                loss_sum, count, n_skipped, _ = _drain(pending, ckpts, skip)
+                acc_loss, acc_count, skipped, pending = acc_loss + loss_sum, acc_count + count, skipped + n_skipped, []
             if evals is not None and (eval_due or ckpt_due):  # every checkpoint carries its eval metrics
                 last_metrics = evaluate(step)
                 t_log = time.time()
             if ckpt_due:
-                if pending:  # the unlogged part of the loss accumulator is saved with the checkpoint
-                    vals = jax.device_get(pending)
-                    acc_loss += float(sum(v["loss_sum"] for v in vals))
-                    acc_count += float(sum(v["count"] for v in vals))
-                    pending = []
-                meta = {"step": step, "epoch": epoch_after, "batch_in_epoch": batch_after, "acc_loss_sum": acc_loss,
-                        "acc_count": acc_count, "eval_metrics": last_metrics}
-                ckpts.save(step, state, meta, last_metrics)
+                save_checkpoint(last_metrics)
                 t_log = time.time()
+            if stopping:
+                if not ckpt_due:  # no eval of its own: kept as the newest, never picked as the best
+                    save_checkpoint(None, stopped_by=stop.name)
+                progress.close()
+                ckpts.close()
+                writer.close()
+                raise Stopped(f"stopped at step {step} on {stop.name}; checkpoint saved in {workdir / 'checkpoints'}"
+                              " — rerun the same command to resume")
             if step == _FAIL_AFTER_STEP:
                 raise RuntimeError(f"injected failure after step {step} (JAXSFT_FAIL_AFTER_STEP)")
         epoch, batch_in_epoch = epoch + 1, 0
     progress.close()
     ckpts.close()
+    writer.close()
     final = {"step": step, **last_metrics, "train_step_compilations": train_step._cache_size()}
     log.info("done: %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in final.items()})
+    if jax.process_index() == 0:
+        try:
+            from jaxsft import report
+
+            for line in report.summary_lines(workdir):
+                log.info("%s", line)
+            report.plot(workdir)
+        except Exception as e:  # noqa: BLE001 - a missing plot must never fail a finished run
+            log.warning("warning: no run report (%s: %s)", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
     return final
