@@ -38,6 +38,7 @@ def test_the_lock_names_its_holder_and_is_released_when_the_holder_is_killed(tmp
     lock.release()
 
 
+@pytest.mark.slow  # ~20 s: two runs
 def test_a_second_run_on_a_busy_workdir_refuses_with_one_line_and_exit_2(tiny_bert, tmp_path):
     w = tmp_path / "w"
     args = run_args(tiny_bert, *data(tmp_path), w, "--config.max_steps=100000", "--config.eval_every_steps=100000",

@@ -36,6 +36,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_the_intact_last_good_checkpoin
     assert all(np.isfinite(v).all() for v in saved_params(w, good).values())
 
 
+@pytest.mark.slow  # ~20 s (the stop-on-NaN test stays in the fast tier)
 def test_skip_nonfinite_updates_skips_and_counts_them(tiny_bert, tmp_path):
     w = tmp_path / "w"
     final = train_lib.train_and_evaluate(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import pytest
 from helpers import data, run, tiny_config
 
 from jaxsft import report
@@ -27,6 +28,7 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+@pytest.mark.slow  # ~18 s
 def test_a_run_writes_tensorboard_scalars_and_a_report(tiny_bert, tmp_path):
     w = tmp_path / "w"
     train_lib.train_and_evaluate(tiny_config(tiny_bert, *data(tmp_path), max_steps=4, eval_every_steps=2), w)
