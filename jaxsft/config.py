@@ -135,3 +135,40 @@ def from_json_file(path: Path) -> ml_collections.ConfigDict:
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
     return ml_collections.ConfigDict(data)
+
+
+# Keys a resumed run may change: how long to train, how often to log / evaluate / save, how many checkpoints to
+# keep, the hardware layout, and evaluation-only settings. Every other key defines the run (task, model, data and
+# its fields, label set, tokenizer, max_length, batch size, optimizer, seed, LoRA, dtype).
+RESUMABLE = ("max_steps", "num_epochs", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+             "keep_checkpoints", "checkpoint_metric", "checkpoint_mode", "eval_batch_size",
+             "gradient_accumulation_steps", "skip_nonfinite_updates", "data.buckets", "data.tfds_data_dir",
+             "mesh.", "decode.", "model.remat", "chunked_loss_size")
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _resumable(key: str) -> bool:
+    return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE)
+
+
+def run_changes(saved: dict, config: ml_collections.ConfigDict, *, unresolved: bool = False
+                ) -> tuple[list[str], list[str]]:
+    """(defining changes, allowed changes) of `config` against a workdir's saved config.json, as
+    `key: old → new`. Keys only one side has (another jaxsft version) are skipped; with `unresolved`, so are keys
+    the config leaves unset (None) for the run to infer (labels, num_labels), which are compared once resolved."""
+    old, new = _flat(saved), _flat(json.loads(to_json(config)))
+    defining, allowed = [], []
+    for key in sorted(old.keys() & new.keys()):
+        if old[key] == new[key] or (unresolved and new[key] is None):
+            continue
+        (allowed if _resumable(key) else defining).append(f"{key}: {old[key]!r} → {new[key]!r}")
+    return defining, allowed

@@ -100,30 +100,39 @@ def prompt_bucket(length: int, limit: int) -> int:
     return length
 
 
-def generate(generate_fn, params, prompts: list[list[int]], *, batch_size: int, pad_id: int, max_prompt: int,
-             seed: int = 0) -> list[list[int]]:
-    """New token ids for every prompt (cut after the first EOS, which is kept), in the prompts' order."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[list[int]] = [[] for _ in prompts]
-    rng = jax.random.key(seed)
+def _batched(seqs: list[list[int]], batch_size: int, pad_id: int, length_for, *, left: bool, call):
+    """Runs `call(ids, mask, start)` on fixed-shape batches of `seqs` (grouped by length, padded to
+    `length_for(longest)`: on the left for decoder prompts, on the right for encoder sources; filler rows hold one
+    pad token and are discarded) and returns its rows in the order of `seqs`."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    results: list[list[int]] = [[] for _ in seqs]
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        p = prompt_bucket(max(len(prompts[i]) for i in idx), max_prompt)
+        p = length_for(max(len(seqs[i]) for i in idx))
         ids = np.full((batch_size, p), pad_id, np.int32)
         mask = np.zeros((batch_size, p), np.int32)
         for r, i in enumerate(idx):
-            toks = prompts[i][-p:]
-            ids[r, p - len(toks):] = toks
-            mask[r, p - len(toks):] = 1
-        for r in range(len(idx), batch_size):  # filler rows: a one-token prompt, discarded
-            ids[r, -1], mask[r, -1] = pad_id, 1
-        out = np.asarray(jax.device_get(generate_fn(params, ids, mask, jax.random.fold_in(rng, start))))
+            toks = seqs[i][-p:] if left else seqs[i][:p]
+            cols = slice(p - len(toks), p) if left else slice(0, len(toks))
+            ids[r, cols], mask[r, cols] = toks, 1
+        mask[len(idx):, -1 if left else 0] = 1
+        out = np.asarray(jax.device_get(call(ids, mask, start)))
         for r, i in enumerate(idx):
             results[i] = out[r].tolist()
     return results
 
 
-def cut_at_eos(tokens: list[int], eos_ids, pad_id: int) -> list[int]:
+def generate(generate_fn, params, prompts: list[list[int]], *, batch_size: int, pad_id: int, max_prompt: int,
+             seed: int = 0) -> list[list[int]]:
+    """The new token ids of every prompt, in the prompts' order: each row holds max_new_tokens ids, the EOS that
+    ended it and pad after that; `cut_at_eos` trims them. Prompts are left-padded to power-of-two buckets."""
+    rng = jax.random.key(seed)
+    return _batched(prompts, batch_size, pad_id, lambda n: prompt_bucket(n, max_prompt), left=True,
+                    call=lambda ids, mask, start: generate_fn(params, ids, mask, jax.random.fold_in(rng, start)))
+
+
+def cut_at_eos(tokens: list[int], eos_ids) -> list[int]:
+    """The generated ids before the first EOS (what gets detokenized)."""
     out = []
     for t in tokens:
         if t in eos_ids:
@@ -332,18 +341,5 @@ def seq2seq_generate(fn, params, sources: list[list[int]], *, batch_size: int, p
     """New tokens per source (in order), right-padded sources bucketed by length; fixed batch shape."""
     from jaxsft.data.batching import bucket_for
 
-    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-    results: list[list[int]] = [[] for _ in sources]
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        p = bucket_for(max(len(sources[i]) for i in idx), buckets)
-        ids = np.full((batch_size, p), pad_id, np.int32)
-        mask = np.zeros((batch_size, p), np.int32)
-        for r, i in enumerate(idx):
-            toks = sources[i][:p]
-            ids[r, :len(toks)], mask[r, :len(toks)] = toks, 1
-        mask[len(idx):, 0] = 1  # filler rows: one pad token, discarded
-        out = np.asarray(jax.device_get(fn(params, ids, mask)))
-        for r, i in enumerate(idx):
-            results[i] = out[r].tolist()
-    return results
+    return _batched(sources, batch_size, pad_id, lambda n: bucket_for(n, buckets), left=False,
+                    call=lambda ids, mask, start: fn(params, ids, mask))

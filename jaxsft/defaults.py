@@ -15,10 +15,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_labels = config_dict.placeholder(int)  # None: inferred from the training labels; 1: regression
     c.model.decoder_start_token_id = config_dict.placeholder(int)  # seq2seq; None: from the checkpoint
     c.model.from_scratch = False  # True: the architecture of the checkpoint's config with fresh random weights
+    # Speed / memory (decoder families llama, mistral, qwen2, qwen3):
+    c.model.remat = "none"  # none | dots (recompute all but matmul outputs) | full: per-layer rematerialisation
+    c.model.scan_layers = False  # True: layers stacked and run under lax.scan (compile time independent of depth)
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # .tsv .csv .json .jsonl .parquet, or an HF dataset spec such as glue/sst2:train
     c.data.eval = ""
+    c.data.tfds_data_dir = config_dict.placeholder(str)  # for tfds:NAME[:SPLIT] specs; None: ~/tensorflow_datasets
     c.data.eval_fraction = 0.0  # > 0 and no data.eval: hold out this share of data.train (seeded) for evaluation
     c.data.text_fields = ["sentence"]  # one name, or two for sentence pairs
     c.data.label_field = "label"
@@ -46,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_epochs = 1
     c.max_steps = -1  # > 0 wins over num_epochs
 
+    c.optimizer = "adamw"  # adamw | adafactor (T5's: updates scaled by each weight's RMS, factored second moments)
     c.learning_rate = 5e-5
     c.warmup_steps = 0
     c.warmup_ratio = 0.0
@@ -55,6 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.adam_beta2 = 0.999
     c.adam_epsilon = 1e-8
     c.label_smoothing = 0.0
+    c.chunked_loss_size = 0  # causal_lm: > 0 computes logits + cross-entropy this many tokens at a time (never the
+    # whole (batch, T, vocab) float32 logits; the backward pass recomputes each chunk's logits); 0: all at once
     c.skip_nonfinite_updates = False  # True: a step with a NaN/inf loss or gradient leaves the weights as they were
 
     c.log_every_steps = 50

@@ -102,23 +102,15 @@ def main(argv: list[str]) -> int:
 
 def generated_rows(functional, params, features, config, tokenizer, args) -> list[dict]:
     """causal_lm: greedy completions of every eval prompt beside its reference."""
-    from jaxsft import decoding
-    from jaxsft.models import compute_dtype
+    from jaxsft import pipeline
     from jaxsft.tasks import causal_lm
 
     folder = Path(args.workdir) / "hf" if args.workdir else Path(args.model)
-    eos = decoding.eos_ids_for(folder, tokenizer)
-    fn = decoding.make_generate_fn(functional, decoding.Sampling(args.max_new_tokens), eos, tokenizer.pad_token_id,
-                                   compute_dtype(config.dtype))
-    ids = [causal_lm.encode_prompt(tokenizer, config, p) for p in features.prompts]
-    todo = [i for i, x in enumerate(ids) if x]  # `text` data has no prompt to continue
-    outs = dict(zip(todo, decoding.generate(fn, params, [ids[i] for i in todo],
-                                            batch_size=config.eval_batch_size or config.batch_size,
-                                            pad_id=tokenizer.pad_token_id, max_prompt=config.max_length)))
-    return [{"prompt": p, "completion": tokenizer.decode(decoding.cut_at_eos(outs.get(i, []), eos,
-                                                                             tokenizer.pad_token_id),
-                                                         skip_special_tokens=True), "reference": r}
-            for i, (p, r) in enumerate(zip(features.prompts, features.references))]
+    complete = pipeline.prompt_completer(functional, config, folder, tokenizer, args.max_new_tokens,
+                                         config.eval_batch_size or config.batch_size)
+    texts = complete(params, [causal_lm.encode_prompt(tokenizer, config, p) for p in features.prompts])
+    return [{"prompt": p, "completion": c, "reference": r}
+            for p, c, r in zip(features.prompts, texts, features.references)]
 
 
 def jax_put(params, mesh):

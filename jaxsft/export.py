@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     from jaxsft.models import to_hf_weights
     from jaxsft.models.registry import family_for
 
-    mesh = parallel.make_mesh(config.mesh)
+    mesh = parallel.fitting_mesh(config.mesh)  # restored sharded, then gathered to this host
     functional, template, hf_config, tokenizer = pipeline.workdir_model(Path(args.workdir), config)
     params, step = pipeline.restore_params(Path(args.workdir), config, template, mesh, args.checkpoint,
                                            functional.trainable)

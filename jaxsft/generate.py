@@ -117,7 +117,7 @@ def main(argv: list[str]) -> int:
     outs = decoding.generate(fn, params, ids, batch_size=args.batch_size, pad_id=tokenizer.pad_token_id,
                              max_prompt=config.max_length, seed=args.seed)
     for text, toks in zip(prompts, outs):
-        completion = tokenizer.decode(decoding.cut_at_eos(toks, eos, tokenizer.pad_token_id),
+        completion = tokenizer.decode(decoding.cut_at_eos(toks, eos),
                                       skip_special_tokens=True)
         print(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False), flush=True)
     return 0
@@ -139,7 +139,7 @@ def translate(args, prompts, config, functional, params, tokenizer, folder) -> i
     outs = decoding.seq2seq_generate(fn, params, ids, batch_size=args.batch_size, pad_id=tokenizer.pad_token_id,
                                      buckets=pipeline.buckets(config))
     for text, toks in zip(prompts, outs):
-        completion = tokenizer.decode(decoding.cut_at_eos(toks, set(settings.eos_token_ids), tokenizer.pad_token_id),
+        completion = tokenizer.decode(decoding.cut_at_eos(toks, set(settings.eos_token_ids)),
                                       skip_special_tokens=True)
         print(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False), flush=True)
     return 0

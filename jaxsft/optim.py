@@ -1,4 +1,5 @@
-"""The Optax chain from config: clip → AdamW (no decay on biases and norms) with warmup + linear decay."""
+"""The Optax chain from config: clip → AdamW or Adafactor (no decay on biases and norms) with warmup + linear
+decay."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 import optax
 
 from jaxsft.errors import UserError
+
+OPTIMIZERS = ("adamw", "adafactor")
 
 
 def warmup_steps(config, total_steps: int) -> int:
@@ -28,7 +31,10 @@ def schedule(config, total_steps: int) -> optax.Schedule:
 
 def decay_mask(params: dict) -> dict:
     """Weight decay on matrices only: biases and LayerNorm/RMSNorm weights are excluded, as HF Trainer does."""
-    return {k: getattr(v, "ndim", 0) >= 2 and not k.endswith("final_logits_bias") for k, v in params.items()}
+    from jaxsft.models import stacked_parts  # scanned layers: the leading layer axis does not count
+
+    return {k: getattr(v, "ndim", 0) - (stacked_parts(k) is not None) >= 2 and not k.endswith("final_logits_bias")
+            for k, v in params.items()}
 
 
 def make_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -36,6 +42,22 @@ def make_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformati
     chain = []
     if config.max_grad_norm and config.max_grad_norm > 0:
         chain.append(optax.clip_by_global_norm(config.max_grad_norm))
-    chain.append(optax.adamw(lr, b1=config.adam_beta1, b2=config.adam_beta2, eps=config.adam_epsilon,
-                             weight_decay=config.weight_decay, mask=decay_mask))
+    name = config.get("optimizer", "adamw")
+    if name == "adamw":
+        chain.append(optax.adamw(lr, b1=config.adam_beta1, b2=config.adam_beta2, eps=config.adam_epsilon,
+                                 weight_decay=config.weight_decay, mask=decay_mask))
+    elif name == "adafactor":  # T5's optimizer: transformers' Adafactor(scale_parameter=True, relative_step=False)
+        chain.append(adafactor(lr, config.weight_decay))
+    else:
+        raise UserError(f"config.optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
     return optax.chain(*chain), lr
+
+
+def adafactor(lr: optax.Schedule, weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """Adafactor as transformers' `Adafactor(lr, scale_parameter=True, relative_step=False)` steps: factored second
+    moments (decay 1 - t^-0.8) for every matrix, the update clipped to RMS 1 and scaled by the weight's RMS (at
+    least 1e-3), and decoupled weight decay scaled like the update (by the learning rate and that RMS); no
+    momentum."""
+    return optax.chain(optax.scale_by_factored_rms(min_dim_size_to_factor=1), optax.clip_by_block_rms(1.0),
+                       optax.add_decayed_weights(weight_decay, mask=decay_mask), optax.scale_by_param_block_rms(),
+                       optax.scale_by_learning_rate(lr))

@@ -1,6 +1,21 @@
-"""The device mesh (data, fsdp, tensor) from config, shardings, and process-local → global batches."""
+"""The device mesh (data, fsdp, tensor), partition rules → shardings, multi-host start-up, and host ↔ global arrays.
+
+Sharding by rules: each model family keeps a `PARTITION_RULES` table of (regex over the flat parameter name,
+PartitionSpec over the mesh axes); the first pattern found in a name wins, unmatched parameters are replicated.
+Kernels are stored (in, out), so FSDP puts 'fsdp' on one large dimension and tensor parallelism puts 'tensor' on
+the out-features of q/k/v and MLP up/gate, the in-features of the attention output and MLP down projections, and
+the vocabulary of embeddings and LM heads. A dimension that does not divide by its axes' size is replicated over
+them instead (tiny models, odd vocabularies). LoRA adapters follow the layer they adapt. Optimizer state is
+sharded like the parameters whose structure it mirrors; everything else in it (step counts) is replicated.
+"""
 
 from __future__ import annotations
+
+import inspect
+import logging
+import os
+import re
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -9,8 +24,11 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsft.errors import UserError
 
+log = logging.getLogger("jaxsft")
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+Rules = Sequence[tuple[str, P]]
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
@@ -29,7 +47,28 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
     total = int(np.prod(sizes))
     if total > len(devices):
         raise UserError(f"config.mesh: {dict(zip(AXES, sizes))} needs {total} devices, only {len(devices)} exist")
-    return Mesh(np.asarray(devices[:total]).reshape(sizes), AXES)
+    if jax.process_count() > 1 and total != len(devices):
+        raise UserError(f"config.mesh: {dict(zip(AXES, sizes))} uses {total} of the {len(devices)} devices of "
+                        f"{jax.process_count()} processes; a multi-host mesh must use them all")
+    grid = np.asarray(devices[:total]).reshape(sizes)
+    if devices[0].platform == "tpu" and total == len(devices):  # TPU: follow the physical torus (ICI) layout
+        from jax.experimental import mesh_utils
+
+        try:
+            grid = mesh_utils.create_device_mesh(sizes, devices)
+        except Exception as e:  # noqa: BLE001 - an odd shape for this topology: the plain order still works
+            log.info("config.mesh: no topology-aware layout for %s (%s); using device order", sizes, e)
+    return Mesh(grid, AXES)
+
+
+def fitting_mesh(mesh_config) -> Mesh:
+    """The run's mesh where this machine has the devices for it, else data-parallel over the devices there are
+    (export and other single-host tools on a checkpoint trained on a bigger mesh)."""
+    try:
+        return make_mesh(mesh_config)
+    except UserError as e:
+        log.info("%s; using all %d devices data-parallel instead", e, jax.device_count())
+        return make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
 
 
 def data_shards(mesh: Mesh) -> int:
@@ -44,12 +83,112 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+# ---- partition rules → shardings ------------------------------------------------------------------------------
+
+def rules_for(hf_config) -> Rules:
+    """The partition rules of the checkpoint's model family."""
+    from jaxsft.models.registry import family_for
+
+    return tuple(getattr(family_for(hf_config), "PARTITION_RULES", ()))
+
+
+def _rule_spec(name: str, rules: Rules) -> P | None:
+    for pattern, spec in rules:
+        if re.search(pattern, name):
+            return spec
+    return None
+
+
+def _fit(spec: Sequence, shape: Sequence[int], axis_sizes: dict[str, int]) -> P:
+    """`spec` with every entry whose axes do not divide that dimension dropped (replicated there)."""
+    if len(spec) > len(shape):
+        return P()
+    out = []
+    for entry, dim in zip(spec, shape):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        size = int(np.prod([axis_sizes.get(a, 1) for a in axes]))
+        out.append(entry if axes and dim % size == 0 else None)
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
+
+
+def spec_for(name: str, shape: Sequence[int], rules: Rules, axis_sizes: dict[str, int]) -> P:
+    """The PartitionSpec of one parameter: its rule (LoRA adapters: derived from the adapted layer's rule),
+    fitted to its shape; replicated when no rule matches."""
+    from jaxsft.models import lora, stacked_parts
+
+    spec = lora.adapter_spec(name, lambda base: _rule_spec(base, rules))
+    if spec is None:
+        spec = _rule_spec(name, rules)
+    if spec is not None and stacked_parts(name) is not None:  # scanned layers: the leading layer axis is whole
+        spec = P(None, *spec)
+    return P() if spec is None else _fit(spec, shape, axis_sizes)
+
+
+def param_specs(params: dict, rules: Rules, mesh: Mesh) -> dict[str, P]:
+    sizes = dict(mesh.shape)
+    return {k: spec_for(k, tuple(v.shape), rules, sizes) for k, v in params.items()}
+
+
+def param_shardings(params: dict, rules: Rules, mesh: Mesh) -> dict[str, NamedSharding]:
+    """{name: NamedSharding} for a flat dict of arrays (or anything with `.shape`)."""
+    return {k: NamedSharding(mesh, s) for k, s in param_specs(params, rules, mesh).items()}
+
+
+def state_shardings(state: dict, rules: Rules, mesh: Mesh):
+    """Shardings for a train state {params, frozen?, opt_state}: the flat param dicts by rules; optimizer-state
+    leaves that sit under a parameter's name with that parameter's shape (Adam moments, accumulated gradients)
+    take its sharding, every other leaf (counts, scalars) is replicated."""
+    flat = {**state.get("frozen", {}), **state["params"]}
+    by_name = param_shardings(flat, rules, mesh)
+    rep = replicated(mesh)
+
+    def leaf(path, x):
+        for key in reversed(path):
+            name = getattr(key, "key", None)
+            if isinstance(name, str) and name in flat:
+                return by_name[name] if tuple(x.shape) == tuple(flat[name].shape) else rep
+        return rep
+
+    out = {"params": {k: by_name[k] for k in state["params"]},
+           "opt_state": jax.tree_util.tree_map_with_path(leaf, state["opt_state"])}
+    if "frozen" in state:
+        out["frozen"] = {k: by_name[k] for k in state["frozen"]}
+    return out
+
+
+def put(tree, shardings):
+    """Host (or single-device) arrays → global arrays with these shardings; in a multi-host run every process
+    holds the same host values and hands over only the pieces its own devices keep."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, s):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def bytes_per_device(tree) -> dict[str, int]:
+    """Bytes each addressable device holds for the arrays of `tree` (shows what sharding saves)."""
+    out: dict[str, int] = {}
+    for x in jax.tree.leaves(tree):
+        for shard in x.addressable_shards:
+            out[str(shard.device)] = out.get(str(shard.device), 0) + shard.data.nbytes
+    return out
+
+
+# ---- batches --------------------------------------------------------------------------------------------------
+
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows of the global batch → global arrays sharded over (data, fsdp)."""
+    """The global batch (the same numpy rows on every process) → global arrays sharded over (data, fsdp); each
+    process transfers only the rows of its own devices."""
     sharding = batch_sharding(mesh)
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
 
 
 def to_host(x) -> np.ndarray:
@@ -58,3 +197,40 @@ def to_host(x) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+# ---- multi-host -----------------------------------------------------------------------------------------------
+
+def initialize_distributed() -> None:
+    """`jax.distributed.initialize` for `--multihost`: coordinator, process count and id from JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID when set (local and custom launches), else detected (TPU pods, SLURM, MPI).
+    When a process dies, the others stop (abort with a line naming the dead task) instead of hanging in a
+    collective: at once if it was the coordinator (process 0), else within JAXSFT_HEARTBEAT_TIMEOUT_S (default 60
+    s, 42 s measured; JAX's own default is 100). On CPU, collectives go through gloo."""
+    if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+        try:  # JAX's default today; explicit, as older releases had none
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        except (AttributeError, ValueError):
+            pass
+    def env_int(name: str, default: int | None = None) -> int | None:
+        value = os.environ.get(name)
+        if not value:
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise UserError(f"--multihost: {name}={value!r} is not an integer") from None
+
+    kwargs = {k: v for k, v in (("num_processes", env_int("JAX_NUM_PROCESSES")),
+                                ("process_id", env_int("JAX_PROCESS_ID"))) if v is not None}
+    accepted = inspect.signature(jax.distributed.initialize).parameters
+    for key, env, default in (("heartbeat_timeout_seconds", "JAXSFT_HEARTBEAT_TIMEOUT_S", 60),
+                              ("initialization_timeout", "JAXSFT_INIT_TIMEOUT_S", 300),
+                              ("shutdown_timeout_seconds", "JAXSFT_SHUTDOWN_TIMEOUT_S", 60)):
+        if key in accepted:
+            kwargs[key] = env_int(env, default)
+    jax.distributed.initialize(**kwargs)
+    if jax.process_index() != 0:  # one process speaks for the run; warnings and errors still show everywhere
+        logging.getLogger("jaxsft").setLevel(logging.WARNING)
+    log.info("multi-host: process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())

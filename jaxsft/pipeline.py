@@ -33,7 +33,8 @@ def load_splits(config, *, need_train: bool = True):
     frac = config.data.eval_fraction or 0.0
     if not 0.0 <= frac < 1.0:
         raise UserError(f"config.data.eval_fraction must be in [0, 1), got {frac}")
-    fields = dict(source_field=config.data.source_field, target_field=config.data.target_field)
+    fields = dict(source_field=config.data.source_field, target_field=config.data.target_field,
+                  tfds_data_dir=config.data.get("tfds_data_dir") or None)  # .get: workdirs from before the key
     train = load_source(config.data.train, "data.train", **fields) if need_train or (frac and not config.data.eval) \
         else None
     if config.data.eval:
@@ -66,6 +67,15 @@ def load_tokenizer(folder: Path, source: str):
     except Exception as e:
         raise UserError(f"{source}: cannot load a tokenizer from {folder} ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}); are the tokenizer files missing?") from None
+    # Without tokenizer files transformers 5 quietly builds a tokenizer of special tokens only (every word → UNK).
+    try:
+        real = set(tok.get_vocab()) - set(tok.all_special_tokens) - set(tok.get_added_vocab())
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot list its vocabulary: nothing to check
+        real = None
+    if real is not None and len(real) < 4:
+        raise UserError(f"{source}: tokenizer files missing in {folder} (no tokenizer.json, vocab.txt, vocab.json, "
+                        "tokenizer.model, *.spm or spiece.model), so the tokenizer has no vocabulary (every word "
+                        "would be unknown); copy the checkpoint's tokenizer files into the folder")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
@@ -86,11 +96,13 @@ def eval_batch_size(config, mesh) -> int:
     return -(-bs // shards) * shards
 
 
-def make_eval_step(functional, task, mesh):
+def make_eval_step(functional, task, mesh, param_shardings=None):
+    """A jitted (params, batch) → per-row outputs (replicated); params keep `param_shardings` (None: the
+    shardings they arrive with, sharded or replicated), the batch is split over (data, fsdp)."""
     def step(params, batch):
         return task.eval_outputs(task.forward(functional.apply, params, batch), batch)
 
-    return jax.jit(step, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+    return jax.jit(step, in_shardings=(param_shardings, parallel.batch_sharding(mesh)),
                    out_shardings=parallel.replicated(mesh))
 
 
@@ -109,8 +121,9 @@ def predict(eval_step, params, features, config, mesh, task, pad_id: int) -> np.
 
 
 def restore_params(workdir: Path, config, params_template: dict, mesh, which: str = "best",
-                   trainable=None) -> tuple[dict, int]:
-    """Params of a run's checkpoint (`best` by checkpoint_metric if kept, else `latest`) on `mesh`;
+                   trainable=None, rules=None) -> tuple[dict, int]:
+    """Params of a run's checkpoint (`best` by checkpoint_metric if kept, else `latest`) on `mesh`, sharded by
+    the family's partition rules (`rules`, else those of W/hf/config.json) whatever mesh the run trained on;
     `trainable` is the LoRA split predicate the run trained with (None: full fine-tuning)."""
     from jaxsft import optim
     from jaxsft.checkpoint import Checkpoints, abstract
@@ -125,10 +138,12 @@ def restore_params(workdir: Path, config, params_template: dict, mesh, which: st
         raise UserError(f"--workdir {workdir}: no checkpoint in {directory}")
     step = ckpts.best_step() if which == "best" else steps[-1]
     tx, _ = optim.make_optimizer(config, 1)
-    rep = parallel.replicated(mesh)
+    if rules is None:
+        rules = parallel.rules_for(load_hf_config(Path(workdir) / "hf", "--workdir"))
     train_p, frozen = split_trainable(params_template, trainable)
     target = abstract(train_state(train_p, frozen, jax.eval_shape(tx.init, train_p)))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), target)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target,
+                          parallel.state_shardings(target, rules, mesh))
     state, _ = ckpts.restore(step, target)
     ckpts.close()
     return {**state.get("frozen", {}), **state["params"]}, step
@@ -153,7 +168,11 @@ def build(hf_config, config, *, with_lora: bool = True):
     """The model for this config (adapters injected when lora.rank > 0) and its trainable-path predicate."""
     from jaxsft.models import build_model, compute_dtype, lora
 
-    model = build_model(hf_config, config.task, compute_dtype(config.dtype), config.seed)
+    options = {k: config.model.get(k) for k in ("remat", "scan_layers")}  # .get: workdirs from before the keys
+    if options.get("scan_layers") and config.lora.rank and config.lora.rank > 0:
+        raise UserError("config.model.scan_layers=True with LoRA (lora.rank > 0) is not supported yet; "
+                        "set model.scan_layers=False")
+    model = build_model(hf_config, config.task, compute_dtype(config.dtype), config.seed, options)
     if config.lora.rank and config.lora.rank > 0 and with_lora:
         lora.inject(model, config.lora, config.seed)
     trainable = lora.trainable_predicate(model, config.task) if config.lora.rank and config.lora.rank > 0 else None
@@ -204,7 +223,7 @@ def translate(generator, params, features, task, config, tokenizer, mesh) -> lis
     outs = decoding.seq2seq_generate(generate_fn, params, task.prompts_for_generation(features), batch_size=bs,
                                      pad_id=tokenizer.pad_token_id, buckets=buckets(config))
     eos = set(settings.eos_token_ids)
-    return tokenizer.batch_decode([decoding.cut_at_eos(o, eos, tokenizer.pad_token_id) for o in outs],
+    return tokenizer.batch_decode([decoding.cut_at_eos(o, eos) for o in outs],
                                   skip_special_tokens=True)
 
 
@@ -216,18 +235,28 @@ def hypothesis_fn(task, functional, config, folder: Path, hf_config, tokenizer, 
     if config.task == "seq2seq":
         generator = seq2seq_generator(functional, config, folder, hf_config, tokenizer)
         return lambda params, features: translate(generator, params, features, task, config, tokenizer, mesh)
+    complete = prompt_completer(functional, config, folder, tokenizer, config.decode.max_new_tokens or 128,
+                                eval_batch_size(config, mesh))
+    return lambda params, features: complete(params, [task.encode_prompt(tokenizer, config, p)
+                                                      for p in features.prompts])
+
+
+def prompt_completer(functional, config, folder: Path, tokenizer, max_new_tokens: int, batch_size: int):
+    """A decoder model's greedy completions: (params, prompt token ids per example) → completion strings, in order;
+    an empty prompt (text data has none) gets "". The generate function compiles once and is reused."""
     from jaxsft import decoding
     from jaxsft.models import compute_dtype
 
     eos = decoding.eos_ids_for(folder, tokenizer)
-    fn = decoding.make_generate_fn(functional, decoding.Sampling(config.decode.max_new_tokens or 128), eos,
-                                   tokenizer.pad_token_id, compute_dtype(config.dtype))
+    fn = decoding.make_generate_fn(functional, decoding.Sampling(max_new_tokens), eos, tokenizer.pad_token_id,
+                                   compute_dtype(config.dtype))
 
-    def run(params, features):
-        ids = [task.encode_prompt(tokenizer, config, p) for p in features.prompts]
-        outs = decoding.generate(fn, params, ids, batch_size=eval_batch_size(config, mesh),
+    def run(params, prompts: list[list[int]]) -> list[str]:
+        todo = [i for i, x in enumerate(prompts) if x]
+        outs = decoding.generate(fn, params, [prompts[i] for i in todo], batch_size=batch_size,
                                  pad_id=tokenizer.pad_token_id, max_prompt=config.max_length)
-        return tokenizer.batch_decode([decoding.cut_at_eos(o, eos, tokenizer.pad_token_id) for o in outs],
-                                      skip_special_tokens=True)
+        texts = tokenizer.batch_decode([decoding.cut_at_eos(o, eos) for o in outs], skip_special_tokens=True)
+        done = dict(zip(todo, texts))
+        return [done.get(i, "") for i in range(len(prompts))]
 
     return run

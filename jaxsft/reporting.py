@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,11 @@ class MetricsWriter:
         self.path = Path(path)
         self.enabled = jax.process_index() == 0
         self.tb = None
+        if self.enabled and self.path.is_file() and self.path.stat().st_size:
+            with self.path.open("rb+") as f:  # a row cut short by a kill: the next one starts on a line of its own
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
         if self.enabled:
             try:
                 from tensorboardX import SummaryWriter
@@ -55,35 +61,116 @@ def _plain(v):
 
 
 class Progress:
-    """Steps, loss, examples/s and ETA: a tqdm bar on a terminal, a log line per update otherwise."""
+    """What a run shows while it trains: step/total, loss, tokens/s (examples/s when there are no token counts),
+    the last eval metric and the ETA.
 
-    def __init__(self, total: int, initial: int, unit: str = "ex"):
-        self.total, self.unit = total, unit
-        self.tty = sys.stderr.isatty() and jax.process_index() == 0
-        self.start_step, self.start_time = initial, time.time()
+    On a terminal (the stream the bar is drawn on, stderr, is a tty) that is a tqdm bar that advances every step
+    (`tick`), with the numbers as its postfix; log lines go above the bar instead of through it. Otherwise (CI,
+    `2> log`) it is one plain log line per `update`, e.g.
+    `step 40/200 loss=0.6012 tokens/s=5873 examples/s=193.4 eval_accuracy=0.8214 (step 20) eta=1:05`.
+    Only process 0 shows anything."""
+
+    def __init__(self, total: int, initial: int, unit: str = "step", *, stream=None):
+        self.total, self.unit = int(total), unit
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = jax.process_index() == 0
+        self.tty = self.enabled and _isatty(self.stream)
+        self.start_step, self.start_time = int(initial), time.time()
+        self._first: tuple[int, float] | None = None  # (step, time) of the first update: the rate excludes compiling
+        self.eval_metric: tuple[str, float, int] | None = None  # (name, value, step)
+        self._row: dict = {}
         self.bar = None
+        self._redirect = None
         if self.tty:
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, leave=True)
+            self.bar = tqdm(total=self.total, initial=self.start_step, desc="train", unit=unit, file=self.stream,
+                            dynamic_ncols=True, leave=True)
+            self._redirect = logging_redirect_tqdm()  # log lines print above the bar, not through it
+            self._redirect.__enter__()
 
-    def update(self, step: int, info: dict) -> None:
+    def tick(self, step: int) -> None:
+        """The bar follows every step (cheap: tqdm redraws at most ~10 times a second); a no-op off a terminal."""
+        if self.bar is not None and step > self.bar.n:
+            self.bar.update(step - self.bar.n)
+
+    def set_eval(self, step: int, name: str, value) -> None:
+        """The newest eval metric (shown from now on)."""
+        if value is None:
+            return
+        self.eval_metric = (name, float(value), int(step))
         if self.bar is not None:
-            self.bar.n = step
-            self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in info.items()},
-                                 refresh=True)
+            self.bar.set_postfix(self._postfix(), refresh=True)
+
+    def update(self, step: int, row: dict) -> None:
+        """A train event (`loss`, `tokens_per_second`, `examples_per_second` as in metrics.jsonl)."""
+        if not self.enabled:
             return
-        if jax.process_index() != 0:
+        self._row = row
+        now = time.time()
+        if self._first is None:
+            self._first = (step, now)
+        if self.bar is not None:
+            self.tick(step)
+            self.bar.set_postfix(self._postfix(), refresh=True)
             return
-        elapsed = time.time() - self.start_time
-        done = step - self.start_step
-        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
-        parts = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
-        log.info("step %d/%d %s eta=%s", step, self.total, parts, _fmt_time(eta))
+        parts = [f"step {step}/{self.total}"]
+        if row.get("loss") is not None:
+            parts.append(f"loss={row['loss']:.4f}")
+        if row.get("tokens_per_second") is not None:
+            parts.append(f"tokens/s={row['tokens_per_second']:.0f}")
+        if row.get("examples_per_second") is not None:
+            parts.append(f"examples/s={row['examples_per_second']:.1f}")
+        if self.eval_metric is not None:
+            name, value, at = self.eval_metric
+            parts.append(f"{name}={value:.4f} (step {at})")
+        parts.append(f"eta={_fmt_time(self.eta(step, now))}")
+        log.info("%s", " ".join(parts))
+
+    def eta(self, step: int, now: float | None = None) -> float:
+        """Seconds left at the average pace since the first update (else since the start); NaN if unknown."""
+        now = time.time() if now is None else now
+        s0, t0 = self._first if self._first is not None and step > self._first[0] else (self.start_step,
+                                                                                          self.start_time)
+        done = step - s0
+        if step >= self.total:
+            return 0.0
+        return (now - t0) / done * (self.total - step) if done > 0 else float("nan")
+
+    def _postfix(self) -> dict:
+        row, out = self._row, {}
+        if row.get("loss") is not None:
+            out["loss"] = f"{row['loss']:.4f}"
+        if row.get("tokens_per_second") is not None:
+            out["tok/s"] = f"{row['tokens_per_second']:.0f}"
+        elif row.get("examples_per_second") is not None:
+            out["ex/s"] = f"{row['examples_per_second']:.1f}"
+        if self.eval_metric is not None:
+            out[self.eval_metric[0]] = f"{self.eval_metric[1]:.4f}"
+        return out
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
+
+
+def _isatty(stream) -> bool:
+    """A terminal a bar can be drawn on: a tty, and not one of 0 columns (a pty nobody sized, where tqdm
+    would print nothing at all)."""
+    try:
+        if not stream.isatty():
+            return False
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError):  # no real fd (a test's fake terminal)
+        return True
 
 
 def _fmt_time(seconds: float) -> str:

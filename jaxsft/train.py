@@ -49,22 +49,121 @@ def validate(config) -> None:
         raise UserError(f"config.learning_rate must be > 0, got {config.learning_rate}")
     if config.checkpoint_mode not in (None, "max", "min"):
         raise UserError(f"config.checkpoint_mode must be 'max' or 'min', got {config.checkpoint_mode!r}")
+    if config.get("optimizer", "adamw") not in optim.OPTIMIZERS:
+        raise UserError(f"config.optimizer must be one of {', '.join(optim.OPTIMIZERS)}, got {config.optimizer!r}")
     if not config.model.name_or_path:
         raise UserError("config.model.name_or_path is not set")
 
 
 def check_workdir(workdir: Path) -> None:
-    """Fails early (before any loading) if the workdir cannot be a folder we write to."""
+    """Fails early (before any loading) if the workdir cannot be a folder we write to: tried for real with a
+    probe that is removed at once (permission bits say nothing for root, or under /proc)."""
+    if "://" in str(workdir):
+        raise UserError(f"--workdir {workdir}: object-store workdirs (gs://, s3://) are not supported yet; mount the "
+                        "bucket (e.g. gcsfuse) and pass the mounted folder")
     p = Path(workdir)
     if p.exists() and not p.is_dir():
         raise UserError(f"--workdir {workdir} is a file, not a folder")
     parent = p
-    while not parent.exists():
+    while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         raise UserError(f"--workdir {workdir}: {parent} is a file, so the folder cannot be created")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"--workdir {workdir}: {parent} is not writable")
+    import tempfile
+
+    try:
+        if parent == p:
+            fd, probe = tempfile.mkstemp(prefix=".jaxsft-write-check-", dir=p)
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".jaxsft-write-check-", dir=parent))
+    except OSError as e:
+        what = "is not writable (creating a file in it" if parent == p else \
+            f"cannot be created (making a folder in {parent}"
+        raise UserError(f"--workdir {workdir} {what} failed: {e.strerror or type(e).__name__})") from None
+
+
+def check_same_task(workdir: Path, config) -> None:
+    """A workdir holding another task's run (W/config.json) is refused: its checkpoints cannot resume this one."""
+    saved = Path(workdir) / "config.json"
+    if not saved.is_file():
+        return
+    try:
+        previous = json.loads(saved.read_text()).get("task")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"--workdir {workdir}: cannot read {saved} ({type(e).__name__}); is this a jaxsft "
+                        "workdir? use another --workdir") from None
+    if previous is not None and previous != config.task:
+        raise UserError(f"--workdir {workdir} holds a task {previous!r} run ({saved}) but config.task is "
+                        f"{config.task!r}: its checkpoints cannot resume a {config.task} run; use another --workdir")
+
+
+def check_resume_config(workdir: Path, config, *, force: bool, unresolved: bool = False) -> None:
+    """A workdir that holds a run (W/config.json): a change to a key that defines the run (task, model, data
+    and fields, labels, tokenizer, max_length, batch size, optimizer, seed, LoRA, dtype) is refused as bad input,
+    naming each `key: old → new`, unless `force`; schedule and bookkeeping keys (config.RESUMABLE) may change.
+    Called before loading (`unresolved`: keys left to inference are skipped) and again once labels etc. are
+    resolved, before anything is written."""
+    saved = Path(workdir) / "config.json"
+    if not saved.is_file():
+        return
+    try:
+        old = json.loads(saved.read_text())
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise UserError(f"--workdir {workdir}: cannot read {saved} ({type(e).__name__}: {e}); is this a jaxsft "
+                        "workdir? use another --workdir") from None
+    defining, allowed = config_lib.run_changes(old, config, unresolved=unresolved)
+    if defining and not force:
+        raise UserError(f"--workdir {workdir} holds a run with another config ({saved}); changed: "
+                        f"{'; '.join(defining)}. Resume with the saved values, use another --workdir, or pass "
+                        "--force to resume with the new ones")
+    if unresolved:
+        return
+    if defining:
+        log.warning("warning: --force: resuming %s with a changed config: %s", workdir, "; ".join(defining))
+    if allowed:
+        log.info("config changes since the last run in %s: %s", workdir, "; ".join(allowed))
+
+
+def environment() -> dict:
+    """What ran: library versions, devices, command line, host and time (W/environment.json)."""
+    import platform
+    import socket
+    import sys
+    from datetime import datetime, timezone
+    from importlib import metadata
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    devices = jax.devices()
+    return {
+        "versions": {"python": platform.python_version(), **{d: version(d) for d in (
+            "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "tokenizers", "datasets",
+            "numpy", "jaxsft")}},
+        "platform": devices[0].platform, "device_kind": devices[0].device_kind, "device_count": len(devices),
+        "local_device_count": jax.local_device_count(), "process_count": jax.process_count(),
+        "devices": [{"id": d.id, "platform": d.platform, "kind": d.device_kind, "process": d.process_index}
+                    for d in devices],
+        "command": [sys.executable, *sys.argv], "cwd": os.getcwd(), "hostname": socket.gethostname(),
+        "pid": os.getpid(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def data_counts(train, evals) -> dict:
+    """What the data holds that is accepted but reported: empty texts, examples cut at max_length, duplicates."""
+    out = {}
+    for what, f in (("train", train), ("eval", evals)):
+        if f is not None:
+            out.update({f"data_{what}_{k}": int(getattr(f, f"num_{k}", 0))
+                        for k in ("empty", "truncated", "duplicates")})
+    return out
 
 
 def mesh_for(config):
@@ -77,8 +176,10 @@ def mesh_for(config):
     return mesh
 
 
-def make_train_step(functional, task, tx, config, mesh):
-    """A pure, jitted step: (state, batch, step) → (state, {loss_sum, count, grad_norm, finite}); state is donated.
+def make_train_step(functional, task, tx, config, mesh, state_shardings=None):
+    """A pure, jitted step: (state, batch, step) → (state, {loss_sum, count, grad_norm, finite}); the state keeps
+    `state_shardings` (parallel.state_shardings; None: replicated) and is donated, the batch is split over
+    (data, fsdp).
 
     With `skip_nonfinite_updates`, a step whose loss or gradient norm is not finite leaves params and optimizer
     state unchanged and adds nothing to the loss sums; the host counts these steps from `finite`."""
@@ -87,6 +188,8 @@ def make_train_step(functional, task, tx, config, mesh):
     key = jax.random.key(config.seed)
 
     def sums(params, frozen, batch, rng):
+        if hasattr(task, "train_sums"):  # a task that computes its loss its own way (causal_lm: chunked CE)
+            return task.train_sums(functional, {**frozen, **params}, batch, rng, config)
         logits = task.forward(functional.apply, {**frozen, **params}, batch, rng)
         return task.loss(logits, batch, config)
 
@@ -122,7 +225,8 @@ def make_train_step(functional, task, tx, config, mesh):
                                                                          "grad_norm": grad_norm, "finite": finite}
 
     rep = parallel.replicated(mesh)
-    return jax.jit(step, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=(rep, rep),
+    state_sh = rep if state_shardings is None else state_shardings
+    return jax.jit(step, in_shardings=(state_sh, parallel.batch_sharding(mesh), rep), out_shardings=(state_sh, rep),
                    donate_argnums=(0,))
 
 
@@ -137,8 +241,7 @@ def _write_workdir_files(workdir: Path, config, hf_config, tokenizer, folder: Pa
     tokenizer.save_pretrained(workdir / "hf")
     if (Path(folder) / "generation_config.json").is_file():
         shutil.copy(Path(folder) / "generation_config.json", workdir / "hf" / "generation_config.json")
-    env = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count()}
-    (workdir / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
+    (workdir / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
 
 
 class _StopSignals:
@@ -184,22 +287,26 @@ def _drain(pending: list, ckpts: Checkpoints, skip: bool) -> tuple[float, float,
             int(sum(not v["finite"] for v in vals)), float(vals[-1]["grad_norm"]))
 
 
-def train_and_evaluate(config, workdir: str | Path) -> dict:
-    """Fine-tunes per config, evaluating and checkpointing into workdir; resumes if workdir has checkpoints."""
+def train_and_evaluate(config, workdir: str | Path, *, force: bool = False) -> dict:
+    """Fine-tunes per config, evaluating and checkpointing into workdir; resumes if workdir has checkpoints
+    (refused if the config changes a key that defines the run, unless `force`)."""
     workdir = Path(workdir)
     validate(config)
     check_workdir(workdir)
+    check_same_task(workdir, config)
+    check_resume_config(workdir, config, force=force, unresolved=True)
     lock = WorkdirLock(workdir)
     if jax.process_index() == 0:  # one lock per run: on a shared filesystem the other processes are the same run
         lock.check()
     with _StopSignals() as stop:
         try:
-            return _train_and_evaluate(config, workdir, lock, stop)
+            return _train_and_evaluate(config, workdir, lock, stop, force)
         finally:
             lock.release()
 
 
-def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSignals) -> dict:
+def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSignals,
+                        force: bool = False) -> dict:
     task = pipeline.task_module(config)
     mesh = mesh_for(config)
     if config.checkpoint_metric is None:
@@ -248,13 +355,17 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
                  100 * n_train / sum(v.size for v in params.values()))
     functional = Functional(model)
     del model
+    check_resume_config(workdir, config, force=force)  # labels etc. resolved now; still nothing written
     if jax.process_index() == 0:
         lock.acquire()
     _write_workdir_files(workdir, config, hf_config, tokenizer, folder)
-    for what, f in (("train", train), ("eval", evals)):
-        if task.name == "classification" and f is not None and (f.num_empty or f.num_truncated):
-            log.info("data.%s: %d empty texts, %d examples cut at max_length=%d", what, f.num_empty,
-                     f.num_truncated, config.max_length)
+    for what, f in (("train", train), ("eval", evals)):  # accepted but reported (also in metrics.jsonl, step 0)
+        if task.name == "classification" and f is not None and (f.num_empty or f.num_truncated or
+                                                                 f.num_duplicates):
+            log.info("data.%s: %d empty texts, %d examples cut at max_length=%d, %d duplicate examples (kept)",
+                     what, f.num_empty, f.num_truncated, config.max_length, f.num_duplicates)
+        elif f is not None and getattr(f, "num_duplicates", 0):
+            log.info("data.%s: %d duplicate examples (kept)", what, f.num_duplicates)
 
     # --- schedule, optimizer, steps ---
     bucket_list = pipeline.buckets(config)
@@ -262,12 +373,19 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
                      group_by_length=config.data.group_by_length)
     total = config.max_steps if config.max_steps > 0 else config.num_epochs * plan.num_batches
     tx, lr_fn = optim.make_optimizer(config, total)
-    rep = parallel.replicated(mesh)
     train_params, frozen = pipeline.split_trainable(params, trainable)
-    state = jax.device_put(pipeline.train_state(train_params, frozen, tx.init(train_params)), rep)
+    shardings = parallel.state_shardings(pipeline.train_state(train_params, frozen,
+                                                              jax.eval_shape(tx.init, train_params)),
+                                         parallel.rules_for(hf_config), mesh)
+    train_params = parallel.put(train_params, shardings["params"])  # each device keeps only its shards
+    state = pipeline.train_state(train_params, parallel.put(frozen, shardings.get("frozen", {})),
+                                 jax.jit(tx.init, out_shardings=shardings["opt_state"])(train_params))
     del params, train_params, frozen
-    train_step = make_train_step(functional, task, tx, config, mesh)
-    eval_step = pipeline.make_eval_step(functional, task, mesh)
+    per_device = parallel.bytes_per_device(state)
+    log.info("params + optimizer state: %.1f MiB per device (most loaded), %.1f MiB in all", max(per_device.values())
+             / 2**20, sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20)
+    train_step = make_train_step(functional, task, tx, config, mesh, shardings)
+    eval_step = pipeline.make_eval_step(functional, task, mesh, {**shardings.get("frozen", {}), **shardings["params"]})
     pad_id = tokenizer.pad_token_id
     collate = partial(task.collate, train, batch_size=config.batch_size, buckets=bucket_list, pad_id=pad_id)
 
@@ -284,6 +402,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
     acc_loss, acc_count = meta["acc_loss_sum"], meta["acc_count"]
     skip, skipped = bool(config.skip_nonfinite_updates), int(meta.get("skipped_updates", 0))
     writer = MetricsWriter(workdir / "metrics.jsonl")
+    writer.write(0, data_counts(train, evals))  # one row per run start: what the data held
     log.info("training %d steps (%d per epoch, batch %d, %d devices, mesh %s); padding %.1f%% of tokens "
              "(buckets %s)", total, plan.num_batches, config.batch_size, mesh.size, dict(mesh.shape),
              100 * padding_share(train.lengths, plan.epoch(0), config.batch_size, bucket_list), bucket_list)
@@ -307,6 +426,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
 
     progress = Progress(total, step)
     last_metrics: dict = meta.get("eval_metrics", {})
+    progress.set_eval(step, config.checkpoint_metric, last_metrics.get(config.checkpoint_metric))
     t_log, ex_log, tok_log, pending = time.time(), 0, 0, []
     eval_every, ckpt_every = config.eval_every_steps, config.checkpoint_every_steps
     if stop.name is not None:  # signalled while loading: nothing new to save
@@ -329,6 +449,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
             ex_log += len(idx)
             tok_log += int(train.lengths[idx].sum())
             pending.append((step, out))
+            progress.tick(step)
             end_of_epoch = bi + 1 == len(batches)
             epoch_after, batch_after = (epoch + 1, 0) if end_of_epoch else (epoch, bi + 1)
             if step % config.log_every_steps == 0 or step == total:
@@ -340,9 +461,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
                        "tokens_per_second": tok_log / elapsed,
                        "epoch": round(step / plan.num_batches, 4), **({"skipped_updates": skipped} if skip else {})}
                 writer.write(step, row)
-                progress.update(step, {"loss": row["loss"], "ex/s": round(row["examples_per_second"], 1),
-                                       **({config.checkpoint_metric: last_metrics[config.checkpoint_metric]}
-                                          if config.checkpoint_metric in last_metrics else {})})
+                progress.update(step, row)
                 acc_loss, acc_count, pending, ex_log, tok_log, t_log = 0.0, 0.0, [], 0, 0, time.time()
             eval_due = (eval_every > 0 and step % eval_every == 0) or (eval_every <= 0 and end_of_epoch) \
                 or step == total
@@ -354,6 +473,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
                 acc_loss, acc_count, skipped, pending = acc_loss + loss_sum, acc_count + count, skipped + n_skipped, []
             if evals is not None and (eval_due or ckpt_due):  # every checkpoint carries its eval metrics
                 last_metrics = evaluate(step)
+                progress.set_eval(step, config.checkpoint_metric, last_metrics.get(config.checkpoint_metric))
                 t_log = time.time()
             if ckpt_due:
                 save_checkpoint(last_metrics)

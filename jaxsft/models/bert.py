@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from jaxsft.models.layers import LayerNorm, activation, attention, dense, dropout, embed, sub_rng
+from jaxsft.models.layers import HEAD_RULES, LayerNorm, activation, attention, dense, dropout, embed, sub_rng
 
 ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert")
 MODEL_TYPES = ("bert",) + ROBERTA_LIKE
@@ -196,3 +197,18 @@ def normalize_hf_key(key: str, base_prefix: str) -> str:
 
 
 IGNORED_HF_KEYS = ("position_ids",)
+
+
+# Sharding (see parallel.py): regex over flat param names → PartitionSpec; kernels are (in, out). 'fsdp' takes one
+# large dimension, 'tensor' the heads / hidden units; norms and unlisted biases are replicated.
+PARTITION_RULES = (
+    (r"embeddings\.word_embeddings\.embedding$", P("tensor", "fsdp")),
+    (r"embeddings\.(position|token_type)_embeddings\.embedding$", P(None, "fsdp")),
+    (r"attention\.self\.(query|key|value)\.kernel$", P("fsdp", "tensor")),
+    (r"attention\.self\.(query|key|value)\.bias$", P("tensor")),
+    (r"attention\.output\.dense\.kernel$", P("tensor", "fsdp")),
+    (r"intermediate\.dense\.kernel$", P("fsdp", "tensor")),
+    (r"intermediate\.dense\.bias$", P("tensor")),
+    (r"layer\.\d+\.output\.dense\.kernel$", P("tensor", "fsdp")),
+    (r"pooler\.dense\.kernel$", P("fsdp")),
+) + HEAD_RULES

@@ -8,10 +8,13 @@ A sliding window is applied exactly (by slot distance, as transformers' mask doe
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxsft.models.layers import (
+    HEAD_RULES,
     CausalLM,
     LastTokenClassifier,
     RMSNorm,
@@ -21,10 +24,13 @@ from jaxsft.models.layers import (
     decoder_context,
     dense,
     embed,
+    packed_mask,
+    remat_policy,
     rope_parameters,
     rotary_inv_freq,
     rotary_tables,
     sub_rng,
+    use_packed_attention,
     write_kv,
 )
 
@@ -119,12 +125,39 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
-class DecoderModel(nnx.Module):
-    """The backbone (HF's LlamaModel & co.): embed_tokens → layers → norm."""
+def _run_layer(graphdef, state, x, rope, mask, rng):
+    """One layer from its (graphdef, state): a pure function of arrays, so jax.checkpoint and lax.scan can wrap it."""
+    return nnx.merge(graphdef, state)(x, rope, mask, rng)[0]
 
-    def __init__(self, cfg, dtype, rngs: nnx.Rngs):
+
+class DecoderModel(nnx.Module):
+    """The backbone (HF's LlamaModel & co.): embed_tokens → layers → norm.
+
+    `remat` ("none" | "dots" | "full", layers.remat_policy) recomputes each layer's activations in the backward
+    pass, saving only what the policy keeps. `scan_layers`: the layers are one module whose parameters carry a
+    leading layer axis (stacked after construction, so the random init equals the unscanned one) and run under
+    `jax.lax.scan`, so compile time does not grow with depth; parameter paths lose the layer index
+    (`model.layers.self_attn.q_proj.kernel`, shape (layers, in, out)) and the HF weight map stacks / unstacks
+    per index (models.stacked_parts). Scanning needs the same attention window in every layer.
+    """
+
+    def __init__(self, cfg, dtype, rngs: nnx.Rngs, *, remat: str = "none", scan_layers: bool = False):
         self.embed_tokens = embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs, std=cfg.initializer_range)
-        self.layers = nnx.List([DecoderLayer(cfg, w, dtype, rngs) for w in layer_windows(cfg)])
+        windows = layer_windows(cfg)
+        layers = [DecoderLayer(cfg, w, dtype, rngs) for w in windows]
+        self.remat, self.scan_layers = remat, bool(scan_layers)
+        remat_policy(remat)  # checks the name
+        if self.scan_layers:
+            if len(set(windows)) > 1:
+                from jaxsft.errors import UserError
+
+                raise UserError("model.scan_layers: this checkpoint mixes sliding-window and full-attention layers "
+                                "(layer_types); scanned layers need one kind; set model.scan_layers=False")
+            graphdef, states = nnx.split(layers[0])[0], [nnx.split(layer)[1] for layer in layers]
+            self.layers = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+            self.num_layers, self.window = len(layers), windows[0]
+        else:
+            self.layers = nnx.List(layers)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.inv_freq = rotary_inv_freq(rope_parameters(cfg), head_dim(cfg))
 
@@ -133,14 +166,61 @@ class DecoderModel(nnx.Module):
         """Final hidden states (batch, T, hidden) and the updated cache (None without one)."""
         positions, mask_for = decoder_context(input_ids, attention_mask, positions, segment_ids, cache_index,
                                               cache is not None)
-        masks = {w: mask_for(w) for w in {layer.window for layer in self.layers}}
         rope = rotary_tables(positions, self.inv_freq)
         x, new_cache = self.embed_tokens(input_ids), {}
+        packed = segment_ids is not None and cache is None and use_packed_attention()
+
+        if packed and attention_mask is not None:
+            segment_ids = jnp.where(attention_mask == 0, 0, segment_ids)
+
+        def mask_of(window):  # packed rows on GPU: the layout of cuDNN's packed kernel rides along
+            return packed_mask(segment_ids, mask_for(None)) if packed and window is None else mask_for(window)
+
+        if self.scan_layers:
+            x, new_cache = self._scan(x, rope, mask_of(self.window), rng, cache, cache_index)
+            return self.norm(x), new_cache
+        masks = {w: mask_of(w) for w in {layer.window for layer in self.layers}}
+        policy = remat_policy(self.remat)
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, rope, masks[layer.window], sub_rng(rng, i), cache, i, cache_index)
+            if policy is not None and cache is None:
+                graphdef, state = nnx.split(layer)
+                run = jax.checkpoint(_run_layer, policy=policy, static_argnums=(0,))
+                x, kv = run(graphdef, state, x, rope, masks[layer.window], sub_rng(rng, i)), None
+            else:
+                x, kv = layer(x, rope, masks[layer.window], sub_rng(rng, i), cache, i, cache_index)
             if kv is not None:
                 new_cache[f"layers.{i}.k"], new_cache[f"layers.{i}.v"] = kv
         return self.norm(x), (new_cache if cache is not None else None)
+
+    def _scan(self, x, rope, mask, rng, cache, cache_index):
+        graphdef, state = nnx.split(self.layers)
+        n = self.num_layers
+        if cache is None:
+            policy = remat_policy(self.remat)
+
+            def body(h, xs):
+                st, i = xs
+                return _run_layer(graphdef, st, h, rope, mask, sub_rng(rng, i)), None
+
+            if policy is not None:
+                body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+            x, _ = jax.lax.scan(body, x, (state, jnp.arange(n, dtype=jnp.int32)))
+            return x, None
+        # Decoding: the cache keeps its per-layer layout ({"layers.<i>.k": ...}); stacked for the scan and back.
+        ks = jnp.stack([cache[f"layers.{i}.k"] for i in range(n)])
+        vs = jnp.stack([cache[f"layers.{i}.v"] for i in range(n)])
+
+        def step(h, xs):
+            st, ck, cv = xs
+            h, (k, v) = nnx.merge(graphdef, st)(h, rope, mask, None, {"layers.0.k": ck, "layers.0.v": cv}, 0,
+                                               cache_index)
+            return h, (k, v)
+
+        x, (ks, vs) = jax.lax.scan(step, x, (state, ks, vs))
+        new_cache = {}
+        for i in range(n):
+            new_cache[f"layers.{i}.k"], new_cache[f"layers.{i}.v"] = ks[i], vs[i]
+        return x, new_cache
 
 
 class DecoderForCausalLM(CausalLM):
@@ -148,9 +228,10 @@ class DecoderForCausalLM(CausalLM):
 
     base_prefix, embedding_name = "model", "embed_tokens"
 
-    def __init__(self, cfg, dtype=jnp.float32, *, rngs: nnx.Rngs):
-        super().__init__(DecoderModel(cfg, dtype, rngs), cfg, dtype, rngs, kv_heads=kv_heads(cfg),
-                         head_dim=head_dim(cfg), tied=bool(getattr(cfg, "tie_word_embeddings", False)))
+    def __init__(self, cfg, dtype=jnp.float32, *, rngs: nnx.Rngs, remat: str = "none", scan_layers: bool = False):
+        super().__init__(DecoderModel(cfg, dtype, rngs, remat=remat, scan_layers=scan_layers), cfg, dtype, rngs,
+                         kv_heads=kv_heads(cfg), head_dim=head_dim(cfg),
+                         tied=bool(getattr(cfg, "tie_word_embeddings", False)))
 
 
 class DecoderForSequenceClassification(LastTokenClassifier):
@@ -158,16 +239,20 @@ class DecoderForSequenceClassification(LastTokenClassifier):
 
     base_prefix = "model"
 
-    def __init__(self, cfg, dtype=jnp.float32, *, rngs: nnx.Rngs):
-        super().__init__(DecoderModel(cfg, dtype, rngs), cfg, dtype, rngs)
+    def __init__(self, cfg, dtype=jnp.float32, *, rngs: nnx.Rngs, remat: str = "none", scan_layers: bool = False):
+        super().__init__(DecoderModel(cfg, dtype, rngs, remat=remat, scan_layers=scan_layers), cfg, dtype, rngs)
 
 
-def causal_lm(cfg, dtype, rngs: nnx.Rngs) -> nnx.Module:
-    return DecoderForCausalLM(cfg, dtype, rngs=rngs)
+# Model options this family takes from config.model (models.build_model passes them on).
+OPTIONS = ("remat", "scan_layers")
 
 
-def sequence_classification(cfg, dtype, rngs: nnx.Rngs) -> nnx.Module:
-    return DecoderForSequenceClassification(cfg, dtype, rngs=rngs)
+def causal_lm(cfg, dtype, rngs: nnx.Rngs, **options) -> nnx.Module:
+    return DecoderForCausalLM(cfg, dtype, rngs=rngs, **options)
+
+
+def sequence_classification(cfg, dtype, rngs: nnx.Rngs, **options) -> nnx.Module:
+    return DecoderForSequenceClassification(cfg, dtype, rngs=rngs, **options)
 
 
 def hf_architecture(cfg, task: str) -> str:
@@ -185,3 +270,16 @@ def normalize_hf_key(key: str, base_prefix: str) -> str:
 
 # lm_head.weight: a tied model has no head of its own (transformers does not report it either).
 IGNORED_HF_KEYS = ("rotary_emb.inv_freq", "lm_head.weight")
+
+
+# Sharding (see parallel.py): regex over flat param names → PartitionSpec; kernels are (in, out). 'fsdp' takes one
+# large dimension, 'tensor' the heads / hidden units; norms and unlisted biases are replicated.
+PARTITION_RULES = (
+    (r"embed_tokens\.embedding$", P("tensor", "fsdp")),
+    (r"self_attn\.(q|k|v)_proj\.kernel$", P("fsdp", "tensor")),
+    (r"self_attn\.(q|k|v)_proj\.bias$", P("tensor")),
+    (r"self_attn\.o_proj\.kernel$", P("tensor", "fsdp")),
+    (r"mlp\.(gate|up)_proj\.kernel$", P("fsdp", "tensor")),
+    (r"mlp\.(gate|up)_proj\.bias$", P("tensor")),
+    (r"mlp\.down_proj\.kernel$", P("tensor", "fsdp")),
+) + HEAD_RULES

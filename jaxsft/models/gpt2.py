@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxsft.models.layers import (
+    HEAD_RULES,
     CausalLM,
     Conv1D,
     LastTokenClassifier,
@@ -147,3 +149,18 @@ def normalize_hf_key(key: str, base_prefix: str) -> str:
 
 # .attn.bias / .attn.masked_bias: causal-mask buffers of old checkpoints; lm_head.weight: tied to wte.
 IGNORED_HF_KEYS = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+
+
+# Sharding (see parallel.py): regex over flat param names → PartitionSpec; kernels are (in, out). 'fsdp' takes one
+# large dimension, 'tensor' the heads / hidden units; norms and unlisted biases are replicated.
+# The fused q|k|v projection (c_attn) is not split over 'tensor': its out-features are [q | k | v], so a split
+# would cut across q, k and v rather than between heads; attention shards over 'fsdp' only, the MLP over both.
+PARTITION_RULES = (
+    (r"\.wte\.embedding$", P("tensor", "fsdp")),
+    (r"\.wpe\.embedding$", P(None, "fsdp")),
+    (r"attn\.c_attn\.weight$", P("fsdp")),
+    (r"attn\.c_proj\.weight$", P(None, "fsdp")),
+    (r"mlp\.c_fc\.weight$", P("fsdp", "tensor")),
+    (r"mlp\.c_fc\.bias$", P("tensor")),
+    (r"mlp\.c_proj\.weight$", P("tensor", "fsdp")),
+) + HEAD_RULES

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxsft.errors import UserError
 from jaxsft.models import layers
@@ -125,6 +126,21 @@ def inject(model: nnx.Module, lora_config, seed: int = 0) -> list[str]:
         raise UserError(f"lora.target_modules {list(lora_config.target_modules)} match no linear layer of this "
                         f"model; its linear layers are named {', '.join(linear)}")
     return adapted
+
+
+_ADAPTER = re.compile(r"^(.*)\.lora_([AB])\.kernel$")
+
+
+def adapter_spec(path: str, base_rule) -> P | None:
+    """Sharding rule of an adapter (None: not an adapter): lora_A (in, r) shards its input like the adapted
+    layer's kernel, lora_B (r, out) its output, so x @ A @ B splits like x @ W. `base_rule(name)` is the
+    family's rule for a parameter name (None: replicated)."""
+    m = _ADAPTER.match(path)
+    if m is None:
+        return None
+    spec = base_rule(f"{m[1]}.kernel") or base_rule(f"{m[1]}.weight")  # nnx.Linear, or GPT-2's Conv1D
+    spec = tuple(spec or ()) + (None, None)
+    return P(spec[0]) if m[2] == "A" else P(None, spec[1])
 
 
 def is_adapter(path: str) -> bool:

@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxsft.models.layers import (
     F32,
+    HEAD_RULES,
     LayerNorm,
     Seq2SeqLM,
     activation,
@@ -224,3 +226,16 @@ def normalize_hf_key(key: str, base_prefix: str) -> str:
 # embed_positions: sinusoidal, recomputed; embed_tokens and a tied lm_head: aliases of the shared table.
 IGNORED_HF_KEYS = ("embed_positions.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight",
                    "lm_head.weight")
+
+
+# Sharding (see parallel.py): regex over flat param names → PartitionSpec; kernels are (in, out). 'fsdp' takes one
+# large dimension, 'tensor' the heads / hidden units; norms and unlisted biases are replicated.
+PARTITION_RULES = (
+    (r"(shared|embed_tokens)\.embedding$", P("tensor", "fsdp")),
+    (r"(self_attn|encoder_attn)\.(q|k|v)_proj\.kernel$", P("fsdp", "tensor")),
+    (r"(self_attn|encoder_attn)\.(q|k|v)_proj\.bias$", P("tensor")),
+    (r"(self_attn|encoder_attn)\.out_proj\.kernel$", P("tensor", "fsdp")),
+    (r"fc1\.kernel$", P("fsdp", "tensor")),
+    (r"fc1\.bias$", P("tensor")),
+    (r"fc2\.kernel$", P("tensor", "fsdp")),
+) + HEAD_RULES

@@ -12,9 +12,11 @@ import math
 
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxsft.models.layers import (
     F32,
+    HEAD_RULES,
     RMSNorm,
     Seq2SeqLM,
     activation,
@@ -251,3 +253,15 @@ IGNORED_HF_KEYS = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
                    "EncDecAttention.relative_attention_bias.weight")
 # transformers ties a missing lm_head to `shared` on load (transformers-5 saves of untied configs omit it)
 WEIGHT_FALLBACKS = {"lm_head.weight": "shared.weight"}
+
+
+# Sharding (see parallel.py): regex over flat param names → PartitionSpec; kernels are (in, out). 'fsdp' takes one
+# large dimension, 'tensor' the heads / hidden units; norms and unlisted biases are replicated.
+PARTITION_RULES = (
+    (r"(^shared|embed_tokens)\.embedding$", P("tensor", "fsdp")),
+    (r"Attention\.(q|k|v)\.kernel$", P("fsdp", "tensor")),
+    (r"Attention\.o\.kernel$", P("tensor", "fsdp")),
+    (r"relative_attention_bias\.embedding$", P(None, "tensor")),  # (buckets, heads)
+    (r"DenseReluDense\.wi(_0|_1)?\.kernel$", P("fsdp", "tensor")),
+    (r"DenseReluDense\.wo\.kernel$", P("tensor", "fsdp")),
+) + HEAD_RULES

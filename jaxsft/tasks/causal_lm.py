@@ -62,6 +62,7 @@ class Features:
     references: list[str] = field(default_factory=list)  # per data set example: the completion / last reply
     num_empty: int = 0  # examples left out: no loss token within max_length
     num_truncated: int = 0  # examples cut at max_length
+    num_duplicates: int = 0  # examples whose tokens and loss mask equal an earlier one's; kept
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -306,6 +307,7 @@ def featurize(ds, tokenizer, config, key: str, spec: str, *, need_labels: bool =
     ids, loss, prompts = _tokenize(examples, tokenizer, config, key)
     max_length = config.max_length
     num_truncated = sum(len(x) > max_length for x in ids)
+    num_duplicates = len(ids) - len({(x.tobytes(), m.tobytes()) for x, m in zip(ids, loss)})
     ids, loss = [x[:max_length] for x in ids], [x[:max_length] for x in loss]
     keep = [i for i, x in enumerate(loss) if x[1:].any()]  # position 0 is never a target
     num_empty = len(ids) - len(keep)
@@ -317,7 +319,7 @@ def featurize(ds, tokenizer, config, key: str, spec: str, *, need_labels: bool =
     lengths = np.asarray([len(ids[i]) for i in keep])
     groups = pack(lengths, max_length) if config.data.packing else [np.asarray([j]) for j in range(len(keep))]
     f = Features([], [], [], [], [], np.zeros(len(groups), dtype=np.int64), prompts, references, num_empty,
-                 num_truncated)
+                 num_truncated, num_duplicates)
     for r, g in enumerate(groups):
         members = [keep[j] for j in g]
         seg, pos = segment_layout([len(ids[i]) for i in members])
@@ -377,6 +379,43 @@ def loss(logits, batch, config):
     """(sum of token cross-entropies over loss tokens, number of loss tokens): the loop divides."""
     mask = batch["loss_mask"]
     return (_token_nll(logits, batch["targets"], config.label_smoothing) * mask).sum(), mask.sum()
+
+
+def chunked_loss(hidden, kernel, targets, mask, chunk: int, label_smoothing: float = 0.0):
+    """`loss` without the (B, T, vocab) logits: hidden (B, T, D) @ kernel (D, vocab) in hidden's dtype, `chunk`
+    tokens at a time under lax.scan, each chunk rematerialised in the backward pass, so at most (chunk, vocab)
+    float32 logits live at once. Returns (sum of token cross-entropies over `mask`, mask.sum())."""
+    d = hidden.shape[-1]
+    h, t, m = hidden.reshape(-1, d), targets.reshape(-1), mask.reshape(-1).astype(jnp.float32)
+    n = h.shape[0]
+    c = max(1, min(int(chunk), n))
+    pad = (-n) % c
+    if pad:  # padded tokens carry mask 0
+        h, t, m = jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(t, (0, pad)), jnp.pad(m, (0, pad))
+    w = kernel.astype(hidden.dtype)
+
+    @jax.checkpoint
+    def one(w, hc, tc, mc):
+        logits = jnp.dot(hc, w).astype(jnp.float32)
+        return (_token_nll(logits, tc, label_smoothing) * mc).sum()
+
+    def body(acc, xs):
+        return acc + one(w, *xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h.reshape(-1, c, d), t.reshape(-1, c),
+                                                                m.reshape(-1, c)))
+    return total, mask.sum()
+
+
+def train_sums(functional, params, batch, rng, config):
+    """The training loss sums; with config.chunked_loss_size > 0 the logits are computed chunk by chunk."""
+    chunk = int(config.get("chunked_loss_size", 0) or 0)
+    kernel = functional.method(params, "head_kernel") if chunk > 0 else None
+    if kernel is None:  # unchunked (or a LoRA-adapted head: the plain path)
+        return loss(forward(functional.apply, params, batch, rng), batch, config)
+    hidden = functional.apply(params, batch["input_ids"], batch["attention_mask"], positions=batch["positions"],
+                              segment_ids=batch["segment_ids"], rng=rng, hidden_only=True)
+    return chunked_loss(hidden, kernel, batch["targets"], batch["loss_mask"], chunk, config.label_smoothing)
 
 
 def eval_outputs(logits, batch):

@@ -33,12 +33,13 @@ class Features:
     lengths: np.ndarray
     num_empty: int = 0
     num_truncated: int = 0
+    num_duplicates: int = 0  # rows equal to an earlier row (texts and label); kept
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
 
-def _label_kind(values: list, key: str):
+def _label_kind(values: list, key: str, column: str):
     kinds = {type(v) for v in values}
     if kinds <= {int, bool}:
         return int
@@ -46,7 +47,11 @@ def _label_kind(values: list, key: str):
         return float
     if kinds == {str}:
         return str
-    raise UserError(f"{key}: mixed label types in the label column ({', '.join(sorted(k.__name__ for k in kinds))})")
+    first: dict[type, tuple[int, object]] = {}  # one example row per type, to point at the culprit
+    for i, v in enumerate(values):
+        first.setdefault(type(v), (i, v))
+    examples = ", ".join(f"{t.__name__} (row {i}: {v!r})" for t, (i, v) in first.items())  # in row order
+    raise UserError(f"{key}: mixed label types in column {column!r}: {examples}; use one type for every label")
 
 
 def resolve_labels(config, train_ds) -> None:
@@ -58,11 +63,11 @@ def resolve_labels(config, train_ds) -> None:
         if v is None or (isinstance(v, str) and not v.strip()):
             raise UserError(f"data.train: row {i} has no label in column {d.label_field!r}")
     if config.model.num_labels == 1:  # regression
-        if _label_kind(values, "data.train") is str:
+        if _label_kind(values, "data.train", d.label_field) is str:
             raise UserError(f"data.train: model.num_labels=1 (regression) needs numeric labels, got {values[0]!r}")
         d.label_names = None
         return
-    kind = _label_kind(values, "data.train")
+    kind = _label_kind(values, "data.train", d.label_field)
     if d.label_names:
         names = list(d.label_names)
     else:
@@ -86,7 +91,8 @@ def label_ids(values: list, config, key: str) -> np.ndarray:
     if config.model.num_labels == 1:
         return np.asarray(values, dtype=np.float32)
     index = {n: i for i, n in enumerate(names)}
-    ints_by_position = all(isinstance(n, str) for n in names) and _label_kind(values, key) is int
+    ints_by_position = all(isinstance(n, str) for n in names) and \
+        _label_kind(values, key, config.data.label_field) is int
     out = np.empty(len(values), dtype=np.int32)
     for i, v in enumerate(values):
         if ints_by_position:  # integer labels with string label_names: an index into label_names
@@ -120,7 +126,13 @@ def featurize(ds, tokenizer, config, key: str, spec: str, *, need_labels: bool) 
     lengths = np.asarray([len(x) for x in ids])
     raw = ds[d.label_field] if has_labels else None
     labels = label_ids(raw, config, key) if has_labels else None
-    return Features(ids, types, labels, raw, lengths, num_empty, int((lengths >= config.max_length).sum()))
+    rows = list(zip(*texts, *([[_hashable(v) for v in raw]] if has_labels else [])))  # for duplicates
+    return Features(ids, types, labels, raw, lengths, num_empty, int((lengths >= config.max_length).sum()),
+                    len(rows) - len(set(rows)))
+
+
+def _hashable(v):
+    return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
 
 
 def collate(features: Features, indices: np.ndarray, batch_size: int, buckets: list[int], pad_id: int) -> dict:

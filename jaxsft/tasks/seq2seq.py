@@ -44,6 +44,7 @@ class Features:
     target_buckets: list[int]
     num_empty: int = 0  # pairs with a blank source or target (kept, as "")
     num_truncated: int = 0  # sources or targets at their length limit (cut, or exactly that long)
+    num_duplicates: int = 0  # pairs equal to an earlier pair (source and target); kept
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -104,6 +105,8 @@ def featurize(ds, tokenizer, config, key: str, spec: str, *, need_labels: bool =
     start = tokenizer.pad_token_id if start is None else int(start)
     f = Features(ids, labels, lengths, target_lengths, sources, references, start, target_buckets(config),
                  int(blank.sum()), int(truncated.sum()))
+    pairs = list(zip(sources, references)) if references is not None else sources
+    f.num_duplicates = len(pairs) - len(set(pairs))
     if f.num_empty or f.num_truncated:
         log.info("%s: %d pairs with a blank source or target (kept), %d at max_length=%d / max_target_length=%d",
                  key, f.num_empty, f.num_truncated, config.max_length, max_target)

@@ -48,3 +48,19 @@ def test_report_on_a_workdir_without_metrics_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no metrics.jsonl" in lines[0] and str(tmp_path / "w") in lines[0]
+
+
+def test_metrics_row_cut_by_a_kill_does_not_swallow_the_next(tmp_path):
+    """kill -9 mid-write leaves half a line; the resumed run's rows start on lines of their own."""
+    import json
+
+    from jaxsft.reporting import MetricsWriter
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
+    writer = MetricsWriter(path)
+    writer.write(3, {"loss": 0.5})
+    writer.close()
+    lines = path.read_text().splitlines()
+    assert lines[1] == '{"step": 2, "lo'
+    assert json.loads(lines[2])["loss"] == 0.5

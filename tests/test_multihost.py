@@ -1,0 +1,153 @@
+"""Multi-host runs: `python -m jaxsft.run --multihost` as 2 processes × 2 CPU devices over jax.distributed on
+127.0.0.1 (gloo collectives) trains like 1 process × 4 devices, its checkpoint restores in one process on another
+mesh, and a killed process makes the other one exit instead of hanging."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import ROOT, synthetic_rows, write_tsv
+
+pytestmark = [pytest.mark.multihost, pytest.mark.slow]  # each test starts several JAX processes (~1-3 min)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for(devices: int, **extra) -> dict:
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
+
+
+def run_args(model, data, workdir, *extra) -> list[str]:
+    return ["--config", "configs/classify.py", "--workdir", str(workdir), f"--config.model.name_or_path={model}",
+            f"--config.data.train={data / 'train.tsv'}", f"--config.data.eval={data / 'eval.tsv'}",
+            "--config.max_length=64", "--config.data.buckets=64", "--config.batch_size=16",
+            "--config.learning_rate=1e-3", "--config.log_every_steps=1", "--config.warmup_steps=0", *extra]
+
+
+def start_processes(args: list[str], logs, n: int = 2, devices: int = 2, **env) -> list[subprocess.Popen]:
+    """n processes of one run; process i writes logs/i.out and logs/i.err (files: a full pipe would stall it)."""
+    port = free_port()
+    logs.mkdir(parents=True, exist_ok=True)
+    return [subprocess.Popen([sys.executable, "-m", "jaxsft.run", "--multihost", *args], cwd=ROOT,
+                             env=env_for(devices, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                         JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i), **env),
+                             stdout=open(logs / f"{i}.out", "w"), stderr=open(logs / f"{i}.err", "w"))
+            for i in range(n)]
+
+
+def finish(procs, logs, timeout: int = 600) -> list[tuple[int, str, str]]:
+    deadline = time.time() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(deadline - time.time(), 1))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [(p.returncode, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text())
+            for i, p in enumerate(procs)]
+
+
+def run_single(module: str, *args, devices: int = 4) -> dict:
+    p = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env_for(devices),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def losses(workdir) -> list[float]:
+    return [json.loads(line)["loss"] for line in open(workdir / "metrics.jsonl") if '"loss"' in line]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("multihost_data")
+    write_tsv(d / "train.tsv", synthetic_rows(96, 1))
+    write_tsv(d / "eval.tsv", synthetic_rows(32, 2))
+    return d
+
+
+def test_two_processes_train_like_one_and_the_checkpoint_restores_on_another_mesh(tiny_bert, data, tmp_path):
+    steps = ["--config.max_steps=6", "--config.eval_every_steps=6"]
+    # fsdp across the two processes, tensor within each: every parameter is split between the hosts.
+    multi = tmp_path / "multi"
+    results = finish(start_processes(run_args(tiny_bert, data, multi, *steps, "--config.mesh.data=1",
+                                              "--config.mesh.fsdp=2", "--config.mesh.tensor=2"), tmp_path / "logs"),
+                     tmp_path / "logs")
+    for i, (rc, _, err) in enumerate(results):
+        assert rc == 0, f"process {i} failed ({rc}):\n{err[-3000:]}"
+    printed = [[json.loads(line) for line in out.splitlines() if line.startswith("{")] for _, out, _ in results]
+    assert len(printed[0]) == 1 and not printed[1]  # only process 0 prints the result (gloo prints its own lines)
+    final = printed[0][0]
+    env = json.loads((multi / "environment.json").read_text())
+    assert env["process_count"] == 2 and len(env["devices"]) == 4
+    multi_losses = losses(multi)
+    assert len(multi_losses) == 6  # ... and writes metrics (one row per step)
+
+    single = tmp_path / "single"
+    single_final = run_single("jaxsft.run", *run_args(tiny_bert, data, single, *steps))
+    np.testing.assert_allclose(multi_losses, losses(single), atol=1e-5, rtol=0)
+    assert abs(final["eval_loss"] - single_final["eval_loss"]) < 1e-5
+
+    # The checkpoint the two processes wrote (sharded across them) restores in one process on another mesh.
+    restored = run_single("jaxsft.evaluate", "--workdir", multi, "--checkpoint", "latest", "--config.mesh.data=2",
+                          "--config.mesh.fsdp=1", "--config.mesh.tensor=2")
+    assert restored["step"] == 6
+    assert abs(restored["eval_loss"] - final["eval_loss"]) < 1e-5
+    assert restored["eval_accuracy"] == final["eval_accuracy"]
+
+    # Export gathers the sharded params to the host: on the run's mesh (4 devices) and on 1 device (the mesh
+    # does not fit, so it falls back to data-parallel) the files are the same.
+    from safetensors.numpy import load_file
+
+    for devices in (4, 1):
+        p = subprocess.run([sys.executable, "-m", "jaxsft.export", "--workdir", str(multi), "--output",
+                            str(tmp_path / f"hf{devices}"), "--checkpoint", "latest"], cwd=ROOT, env=env_for(devices),
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+    a, b = load_file(tmp_path / "hf4" / "model.safetensors"), load_file(tmp_path / "hf1" / "model.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_killed_process_makes_the_other_exit_instead_of_hanging(tiny_bert, data, tmp_path):
+    w = tmp_path / "w"
+    logs = tmp_path / "logs"
+    procs = start_processes(run_args(tiny_bert, data, w, "--config.max_steps=100000",
+                                     "--config.eval_every_steps=100000"), logs)
+    try:
+        deadline = time.time() + 400
+        while not (w / "metrics.jsonl").is_file() or '"loss"' not in (w / "metrics.jsonl").read_text():
+            assert time.time() < deadline, "training did not start"
+            assert all(p.poll() is None for p in procs), (logs / "0.err").read_text()[-3000:]
+            time.sleep(1)
+        procs[1].send_signal(signal.SIGKILL)  # a worker dies: only the heartbeat can tell (the coordinator's
+        t0 = time.time()                      # death is noticed at once)
+        try:
+            procs[0].wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail("process 0 still runs 90 s after process 1 was killed")
+        elapsed = time.time() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    err = (logs / "0.err").read_text()
+    print(f"process 0 exited with code {procs[0].returncode} {elapsed:.1f} s after process 1 was killed")
+    assert procs[0].returncode != 0
+    assert elapsed < 60, elapsed
+    assert "another task died" in err or "heartbeat" in err, err[-2000:]
