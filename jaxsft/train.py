@@ -84,25 +84,11 @@ def check_workdir(workdir: Path) -> None:
         raise UserError(f"--workdir {workdir} {what} failed: {e.strerror or type(e).__name__})") from None
 
 
-def check_same_task(workdir: Path, config) -> None:
-    """A workdir holding another task's run (W/config.json) is refused: its checkpoints cannot resume this one."""
-    saved = Path(workdir) / "config.json"
-    if not saved.is_file():
-        return
-    try:
-        previous = json.loads(saved.read_text()).get("task")
-    except (OSError, ValueError, AttributeError) as e:
-        raise UserError(f"--workdir {workdir}: cannot read {saved} ({type(e).__name__}); is this a jaxsft "
-                        "workdir? use another --workdir") from None
-    if previous is not None and previous != config.task:
-        raise UserError(f"--workdir {workdir} holds a task {previous!r} run ({saved}) but config.task is "
-                        f"{config.task!r}: its checkpoints cannot resume a {config.task} run; use another --workdir")
-
-
 def check_resume_config(workdir: Path, config, *, force: bool, unresolved: bool = False) -> None:
-    """A workdir that holds a run (W/config.json): a change to a key that defines the run (task, model, data
-    and fields, labels, tokenizer, max_length, batch size, optimizer, seed, LoRA, dtype) is refused as bad input,
-    naming each `key: old → new`, unless `force`; schedule and bookkeeping keys (config.RESUMABLE) may change.
+    """A workdir that holds a run (W/config.json): another task's run is refused outright (its checkpoints cannot
+    resume this one, `force` or not); a change to a key that defines the run (model, data and fields, labels,
+    tokenizer, max_length, batch size, optimizer, seed, LoRA, dtype) is refused as bad input, naming each
+    `key: old → new`, unless `force`; schedule and bookkeeping keys (config.RESUMABLE) may change.
     Called before loading (`unresolved`: keys left to inference are skipped) and again once labels etc. are
     resolved, before anything is written."""
     saved = Path(workdir) / "config.json"
@@ -115,6 +101,10 @@ def check_resume_config(workdir: Path, config, *, force: bool, unresolved: bool 
     except (OSError, ValueError) as e:
         raise UserError(f"--workdir {workdir}: cannot read {saved} ({type(e).__name__}: {e}); is this a jaxsft "
                         "workdir? use another --workdir") from None
+    previous = old.get("task")
+    if previous is not None and previous != config.task:
+        raise UserError(f"--workdir {workdir} holds a task {previous!r} run ({saved}) but config.task is "
+                        f"{config.task!r}: its checkpoints cannot resume a {config.task} run; use another --workdir")
     defining, allowed = config_lib.run_changes(old, config, unresolved=unresolved)
     if defining and not force:
         raise UserError(f"--workdir {workdir} holds a run with another config ({saved}); changed: "
@@ -293,7 +283,6 @@ def train_and_evaluate(config, workdir: str | Path, *, force: bool = False) -> d
     workdir = Path(workdir)
     validate(config)
     check_workdir(workdir)
-    check_same_task(workdir, config)
     check_resume_config(workdir, config, force=force, unresolved=True)
     lock = WorkdirLock(workdir)
     if jax.process_index() == 0:  # one lock per run: on a shared filesystem the other processes are the same run
