@@ -5,20 +5,24 @@ Faults: Orbax writes a checkpoint into a temporary folder and commits it by rena
 crash leaves `N.orbax-checkpoint-tmp*`, which is never read; opening the folder for a run warns about it and
 removes it. Every committed checkpoint gets `jaxsft_files.json` (each file's size); a restore first checks the
 files against it, so a deleted or truncated file is named, and `restore_latest` falls back to the newest
-checkpoint that restores, moving the damaged ones aside as `N.damaged`."""
+checkpoint that restores, moving the damaged ones aside as `N.damaged`.
+
+On a `gs://` workdir Orbax writes through TensorStore's GCS driver and commits a step by writing a marker file
+instead of renaming (an object store has no atomic rename); the listing, manifest, cleanup and moves here go
+through `jaxsft.fs` (a move is a copy then delete there)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from jaxsft import fs
 from jaxsft.errors import RunFailed
 
 log = logging.getLogger("jaxsft")
@@ -36,7 +40,7 @@ class DamagedCheckpoint(Exception):
 class Checkpoints:
     def __init__(self, directory: Path, *, keep: int = 2, metric: str | None = None, mode: str = "max",
                  read_only: bool = False):
-        self.metric, self.mode, self.directory = metric, mode, Path(directory)
+        self.metric, self.mode, self.directory = metric, mode, fs.path(directory)
         self.read_only = read_only
         policies = [pp.LatestN(n=max(int(keep), 1))]
         if metric:
@@ -46,7 +50,8 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(preservation_policy=pp.AnyPreservationPolicy(policies),
                                                enable_async_checkpointing=False, read_only=read_only,
                                                create=not read_only, **extra)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
+        where = self.directory if fs.is_remote(self.directory) else self.directory.absolute()
+        self.manager = ocp.CheckpointManager(where, options=options,
                                              item_names=("state", "meta"))
         if not read_only and jax.process_index() == 0:
             self._remove_incomplete()
@@ -65,10 +70,10 @@ class Checkpoints:
             if not p.is_dir() or not step.isdigit() or p.name in committed:
                 continue
             if TMP_MARK in p.name:
-                shutil.rmtree(p, ignore_errors=True)
+                fs.rmtree(p)
                 done = "removed"
             else:  # a step folder Orbax does not count as committed (e.g. no commit marker): kept, aside
-                p.rename(self._free_name(f"{step}.incomplete"))
+                fs.rename(p, self._free_name(f"{step}.incomplete"))
                 done = f"moved to {step}.incomplete"
             log.warning("warning: ignoring %s: an incomplete checkpoint of step %s (its save was cut short before "
                         "Orbax committed it); %s", p, step, done)
@@ -96,11 +101,9 @@ class Checkpoints:
         folder = self._step_dir(step)
         if not folder.is_dir():
             return
-        files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-                 if p.is_file() and p.name not in _UNCHECKED}
-        tmp = folder / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps({"step": step, "files": files}, indent=0) + "\n")
-        os.replace(tmp, folder / MANIFEST)  # a crash here leaves no half-written list
+        files = {rel: size for rel, size in fs.file_sizes(folder).items() if rel.rsplit("/", 1)[-1] not in _UNCHECKED}
+        # a crash here leaves no half-written list
+        fs.write_bytes(folder / MANIFEST, (json.dumps({"step": step, "files": files}, indent=0) + "\n").encode())
 
     def verify(self, step: int) -> str | None:
         """What is wrong with the files of a checkpoint (None: they match the list written with it, or it has
@@ -113,14 +116,12 @@ class Checkpoints:
             files = json.loads(listing.read_text())["files"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             return f"its file list {MANIFEST} is unreadable ({type(e).__name__})"
-        missing, wrong = [], []
+        missing, wrong, found = [], [], fs.file_sizes(folder)  # one listing (one request on an object store)
         for rel, size in files.items():
-            p = folder / rel
-            if not p.is_file():
+            if rel not in found:
                 missing.append(rel)
-            elif p.stat().st_size != size:
-                wrong.append(f"{rel} is {p.stat().st_size} bytes, not {size}"
-                             + (" (truncated)" if p.stat().st_size < size else ""))
+            elif found[rel] != size:
+                wrong.append(f"{rel} is {found[rel]} bytes, not {size}" + (" (truncated)" if found[rel] < size else ""))
         problems = ([f"{len(missing)} file(s) missing: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"]
                     if missing else []) + wrong[:3]
         return "; ".join(problems) or None
@@ -163,7 +164,7 @@ class Checkpoints:
         if self.read_only or jax.process_index() != 0:
             return
         dst = self._free_name(f"{step}.damaged")
-        self._step_dir(step).rename(dst)  # Orbax lists only folders named by a step number
+        fs.rename(self._step_dir(step), dst)  # Orbax lists only folders named by a step number
         self.manager.reload()
         log.warning("warning: moved the damaged checkpoint of step %d to %s", step, dst)
 

@@ -129,7 +129,9 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 def from_json_file(path: Path) -> ml_collections.ConfigDict:
     try:
-        data = json.loads(Path(path).read_text())
+        from jaxsft import fs
+
+        data = json.loads(fs.path(path).read_text())  # a local or gs:// workdir's config.json
     except FileNotFoundError:
         raise UserError(f"{path} not found: is this a jaxsft workdir?") from None
     except json.JSONDecodeError as e:
@@ -143,7 +145,7 @@ def from_json_file(path: Path) -> ml_collections.ConfigDict:
 RESUMABLE = ("max_steps", "num_epochs", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
              "keep_checkpoints", "checkpoint_metric", "checkpoint_mode", "eval_batch_size",
              "gradient_accumulation_steps", "skip_nonfinite_updates", "data.buckets", "data.tfds_data_dir",
-             "mesh.", "decode.", "model.remat", "chunked_loss_size")
+             "mesh.", "decode.", "model.remat", "chunked_loss_size", "precompile")
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from jaxsft import cli
+from jaxsft import cli, fs
 from jaxsft.config import split_config_args
 from jaxsft.defaults import base_config
 from jaxsft.errors import UserError, run_cli
@@ -19,10 +19,11 @@ from jaxsft.errors import UserError, run_cli
 log = logging.getLogger("jaxsft")
 
 
-def _hf_folder_model(config, folder: str):
-    """An HF classification folder: labels from its id2label unless data.label_names says otherwise."""
-    from jaxsft import hf_io, pipeline
-    from jaxsft.models import Functional, build_model, compute_dtype, load_weights, report_load
+def _hf_folder_model(config, folder: str, mesh):
+    """An HF classification folder: labels from its id2label unless data.label_names says otherwise. Its params
+    are loaded straight into their shardings on `mesh`."""
+    from jaxsft import hf_io, parallel, pipeline
+    from jaxsft.models import Functional, build_model, compute_dtype, load_sharded, report_load
 
     path = hf_io.resolve(folder)
     hf_config = pipeline.load_hf_config(path, "--model")
@@ -34,8 +35,9 @@ def _hf_folder_model(config, folder: str):
             id2label = {int(k): v for k, v in hf_config.id2label.items()}
             config.data.label_names = [id2label[i] for i in range(config.model.num_labels)]
         hf_config.num_labels = config.model.num_labels
-    model = build_model(hf_config, config.task, compute_dtype(config.dtype), config.seed)
-    params, report = load_weights(model, hf_io.read_weights(path), str(folder))
+    model, params, report = load_sharded(
+        lambda: build_model(hf_config, config.task, compute_dtype(config.dtype), config.seed),
+        hf_io.WeightReader(path), str(folder), mesh, parallel.rules_for(hf_config))
     report_load(report, type(model).__name__, str(folder))
     return Functional(model), params, tokenizer, hf_config, path
 
@@ -52,7 +54,7 @@ def main(argv: list[str]) -> int:
     if bool(args.workdir) == bool(args.model):
         raise UserError("give exactly one of --workdir W or --model DIR")
     if args.workdir:
-        config, _ = cli.config_from_args(argv, workdir_config=Path(args.workdir) / "config.json")
+        config, _ = cli.config_from_args(argv, workdir_config=fs.path(args.workdir) / "config.json")
     else:  # an HF folder: the config file if given, else the defaults; overrides on top
         config, _ = cli.config_from_args(argv, base=None if path else base_config())
 
@@ -61,21 +63,21 @@ def main(argv: list[str]) -> int:
     task = pipeline.task_module(config)
     mesh = parallel.make_mesh(config.mesh)
     if args.workdir:
-        functional, template, hf_config, tokenizer = pipeline.workdir_model(Path(args.workdir), config)
-        folder = Path(args.workdir) / "hf"
+        functional, template, hf_config, tokenizer = pipeline.workdir_model(args.workdir, config)
+        folder = pipeline.workdir_hf(args.workdir)
         _, ds = pipeline.load_splits(config, need_train=False)
         if ds is None:
             raise UserError("no evaluation data: set --config.data.eval=FILE")
         features = task.featurize(ds, tokenizer, config, "data.eval", config.data.eval, need_labels=False)
-        params, step = pipeline.restore_params(Path(args.workdir), config, template, mesh, args.checkpoint,
+        params, step = pipeline.restore_params(args.workdir, config, template, mesh, args.checkpoint,
                                                functional.trainable)
     else:
-        functional, params, tokenizer, hf_config, folder = _hf_folder_model(config, args.model)
+        functional, params, tokenizer, hf_config, folder = _hf_folder_model(config, args.model, mesh)
         _, ds = pipeline.load_splits(config, need_train=False)
         if ds is None:
             raise UserError("no evaluation data: set --config.data.eval=FILE")
         features = task.featurize(ds, tokenizer, config, "data.eval", config.data.eval, need_labels=False)
-        params, step = jax_put(params, mesh), None
+        step = None
     eval_step = pipeline.make_eval_step(functional, task, mesh)
     outputs = pipeline.predict(eval_step, params, features, config, mesh, task, tokenizer.pad_token_id)
     result = {"step": step, **task.compute_metrics(outputs, features, config),
@@ -105,20 +107,12 @@ def generated_rows(functional, params, features, config, tokenizer, args) -> lis
     from jaxsft import pipeline
     from jaxsft.tasks import causal_lm
 
-    folder = Path(args.workdir) / "hf" if args.workdir else Path(args.model)
+    folder = pipeline.workdir_hf(args.workdir) if args.workdir else Path(args.model)
     complete = pipeline.prompt_completer(functional, config, folder, tokenizer, args.max_new_tokens,
                                          config.eval_batch_size or config.batch_size)
     texts = complete(params, [causal_lm.encode_prompt(tokenizer, config, p) for p in features.prompts])
     return [{"prompt": p, "completion": c, "reference": r}
             for p, c, r in zip(features.prompts, texts, features.references)]
-
-
-def jax_put(params, mesh):
-    import jax
-
-    from jaxsft import parallel
-
-    return jax.device_put(params, parallel.replicated(mesh))
 
 
 if __name__ == "__main__":

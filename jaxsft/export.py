@@ -1,7 +1,7 @@
 """Export a run's checkpoint as an HF folder (safetensors + config + tokenizer) that transformers loads.
 
     python -m jaxsft.export --workdir W --output DIR [--checkpoint best|latest] [--dtype float32|bfloat16]
-                            [--adapters_only]
+                            [--adapters_only] [--max_shard_size 5GB]
 
 A LoRA run is exported with its adapters merged into the base weights, or with `--adapters_only` as a PEFT
 adapter folder (adapter_config.json + adapter_model.safetensors) for `peft.PeftModel.from_pretrained(base, DIR)`.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxsft import cli
+from jaxsft import cli, fs
 from jaxsft.errors import UserError, run_cli
 from jaxsft.models import lora
 
@@ -31,21 +31,23 @@ def main(argv: list[str]) -> int:
     p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--adapters_only", action="store_true", help="LoRA runs: write the adapters in PEFT's format")
+    p.add_argument("--max_shard_size", default="5GB", help="larger models are written as sharded safetensors "
+                   "(model-0000i-of-0000N.safetensors + index), as transformers' save_pretrained does")
     args = p.parse_args(argv)
     out = Path(args.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--output {out} exists and is not an empty folder; choose a new one")
-    config, _ = cli.config_from_args([], workdir_config=Path(args.workdir) / "config.json")
+    config, _ = cli.config_from_args([], workdir_config=fs.path(args.workdir) / "config.json")
 
     import ml_dtypes
 
     from jaxsft import hf_io, parallel, pipeline
-    from jaxsft.models import to_hf_weights
     from jaxsft.models.registry import family_for
 
-    mesh = parallel.fitting_mesh(config.mesh)  # restored sharded, then gathered to this host
-    functional, template, hf_config, tokenizer = pipeline.workdir_model(Path(args.workdir), config)
-    params, step = pipeline.restore_params(Path(args.workdir), config, template, mesh, args.checkpoint,
+    hf_io.parse_size(args.max_shard_size)  # bad input fails before the checkpoint is read
+    mesh = parallel.fitting_mesh(config.mesh)  # restored sharded, then fetched to this host tensor by tensor
+    functional, template, hf_config, tokenizer = pipeline.workdir_model(args.workdir, config)
+    params, step = pipeline.restore_params(args.workdir, config, template, mesh, args.checkpoint,
                                            functional.trainable)
     dtype = np.float32 if args.dtype == "float32" else ml_dtypes.bfloat16
     hf_config.architectures = [family_for(hf_config).hf_architecture(hf_config, config.task)]
@@ -60,14 +62,33 @@ def main(argv: list[str]) -> int:
     if functional.lora_scales:
         params = lora.merge(params, functional.lora_scales)
     out.mkdir(parents=True, exist_ok=True)
-    hf_io.write_safetensors(to_hf_weights(params, dtype), out)
+    write_weights(params, out, dtype, args.max_shard_size)
     hf_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    gen = Path(args.workdir) / "hf" / "generation_config.json"
+    gen = pipeline.workdir_hf(args.workdir) / "generation_config.json"
     if gen.is_file():
         shutil.copy(gen, out / "generation_config.json")
     log.info("exported step %d of %s to %s (%s)", step, args.workdir, out, hf_config.architectures[0])
     return 0
+
+
+def write_weights(params: dict, out: Path, dtype, max_shard_size: str | int = "5GB") -> list[str]:
+    """The params as HF safetensors (sharded past `max_shard_size`), fetched to this host one tensor at a time
+    while its shard is written, so no host gathers the whole model; only process 0 writes."""
+    import jax
+
+    from jaxsft import hf_io
+    from jaxsft.models import hf_layout, hf_tensor
+
+    layout = hf_layout(params)
+
+    def spec(path, layer, transpose):
+        shape = tuple(params[path].shape)[0 if layer is None else 1:]
+        return shape[::-1] if transpose else shape, dtype
+
+    return hf_io.write_safetensors_sharded({name: spec(*entry) for name, entry in layout.items()},
+                                           lambda name: hf_tensor(params, layout[name], dtype), out, max_shard_size,
+                                           write=jax.process_index() == 0)
 
 
 def write_peft_adapters(params, functional, config, hf_config, out: Path, dtype) -> None:

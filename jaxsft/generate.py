@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from jaxsft import cli
+from jaxsft import cli, fs
 from jaxsft.config import split_config_args
 from jaxsft.errors import UserError, run_cli
 
@@ -37,34 +37,31 @@ def read_prompts(args) -> list[str]:
 
 def load(args, argv):
     """(config, functional, params, tokenizer, folder with generation_config.json)."""
-    import jax
-
     from jaxsft import hf_io, parallel, pipeline
     from jaxsft.defaults import base_config
-    from jaxsft.models import Functional, load_weights, report_load
+    from jaxsft.models import Functional, report_load
 
     if args.workdir:
-        config, _ = cli.config_from_args(argv, workdir_config=Path(args.workdir) / "config.json")
+        config, _ = cli.config_from_args(argv, workdir_config=fs.path(args.workdir) / "config.json")
         if config.task not in ("causal_lm", "seq2seq"):
             raise UserError(f"--workdir {args.workdir}: task {config.task!r} does not generate text "
                             "(causal_lm and seq2seq do)")
         mesh = parallel.make_mesh(config.mesh)
-        functional, template, _, tokenizer = pipeline.workdir_model(Path(args.workdir), config)
-        params, step = pipeline.restore_params(Path(args.workdir), config, template, mesh, args.checkpoint,
+        functional, template, _, tokenizer = pipeline.workdir_model(args.workdir, config)
+        params, step = pipeline.restore_params(args.workdir, config, template, mesh, args.checkpoint,
                                                functional.trainable)
         log.info("generating with step %d of %s", step, args.workdir)
-        return config, functional, params, tokenizer, Path(args.workdir) / "hf"
+        return config, functional, params, tokenizer, pipeline.workdir_hf(args.workdir)
     config, _ = cli.config_from_args(argv, base=base_config())
     folder = hf_io.resolve(args.model)
     hf_config = pipeline.load_hf_config(folder, "--model")
     config.model.name_or_path = args.model
     config.task = "seq2seq" if getattr(hf_config, "is_encoder_decoder", False) else "causal_lm"
     tokenizer = pipeline.load_tokenizer(folder, "--model")
-    model, _ = pipeline.build(hf_config, config, with_lora=False)
-    params, report = load_weights(model, hf_io.read_weights(folder), str(args.model))
-    report_load(report, type(model).__name__, str(args.model))
     mesh = parallel.make_mesh(config.mesh)
-    return config, Functional(model), jax.device_put(params, parallel.replicated(mesh)), tokenizer, folder
+    model, params, _, report = pipeline.load_pretrained(hf_config, config, folder, mesh, str(args.model))
+    report_load(report, type(model).__name__, str(args.model))
+    return config, Functional(model), params, tokenizer, folder
 
 
 def encode(tokenizer, config, text: str, template: bool) -> list[int]:

@@ -75,20 +75,13 @@ def _read_msgpack(path: Path) -> dict:
 def read_weights(folder: Path) -> dict[str, np.ndarray]:
     """Reads the checkpoint's weights (safetensors, sharded safetensors, HF Flax msgpack, or torch .bin)."""
     folder = Path(folder)
-    if (folder / "model.safetensors").is_file():
+    files = _safetensors_files(folder)
+    if files is not None:
         from safetensors.numpy import load_file
 
-        return dict(load_file(folder / "model.safetensors"))
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        from safetensors.numpy import load_file
-
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         out = {}
-        for shard in shards:
-            if not (folder / shard).is_file():
-                raise UserError(f"{folder}: shard {shard} named in {index.name} is missing")
-            out.update(load_file(folder / shard))
+        for f in files:
+            out.update(load_file(f))
         return out
     if (folder / "flax_model.msgpack").is_file():
         return _flax_to_pt(_read_msgpack(folder / "flax_model.msgpack"))
@@ -116,6 +109,57 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
     raise UserError(f"no weights in {folder} (looked for {', '.join(WEIGHT_FILES)})")
 
 
+def _safetensors_files(folder: Path) -> list[Path] | None:
+    """The files of a safetensors checkpoint (one file or the shards of an index); None for other formats."""
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    for shard in shards:
+        if not (folder / shard).is_file():
+            raise UserError(f"{folder}: shard {shard} named in {index.name} is missing")
+    return [folder / shard for shard in shards]
+
+
+class WeightReader:
+    """A checkpoint's weights by PyTorch name: shapes from the file headers, any slice read on demand, so a process
+    reads only the pieces its devices keep. safetensors files (one or sharded) are read in slices; HF Flax msgpack
+    and torch .bin files cannot be, so those are read whole once (the one exception to sharded loading)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        files = _safetensors_files(self.folder)
+        self._whole: dict[str, np.ndarray] | None = None
+        self._files: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        if files is None:
+            self._whole = read_weights(self.folder)
+            self.shapes = {k: tuple(np.shape(v)) for k, v in self._whole.items()}
+            return
+        for path in files:
+            with safe_open(path, framework="numpy") as f:
+                for name in f.keys():
+                    self._files[name] = path
+                    self.shapes[name] = tuple(f.get_slice(name).get_shape())
+
+    def read(self, name: str, index: tuple | None = None) -> np.ndarray:
+        """The tensor `name`, or only `index` (a tuple of slices) of it."""
+        if self._whole is not None:
+            arr = self._whole[name]
+            return np.asarray(arr if index is None else arr[index])
+        from safetensors import safe_open
+
+        # Opened per read: the file stays memory-mapped while open, and touched pages count as this process's memory.
+        with safe_open(self._files[name], framework="numpy") as f:
+            if index is None or len(self.shapes[name]) == 0:
+                return f.get_tensor(name)
+            return f.get_slice(name)[tuple(index)]
+
+
 def _deep_merge(dst: dict, src: dict) -> None:
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
@@ -130,6 +174,54 @@ def write_safetensors(weights: dict[str, np.ndarray], folder: Path, filename: st
 
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, folder / filename, metadata={"format": "pt"})
+
+
+_SIZE_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+               "TB": 10**12}
+
+
+def parse_size(size: str | int) -> int:
+    """`"5GB"`, `"200KB"`, `"2GiB"` (the units transformers reads max_shard_size in) or a byte count → bytes."""
+    text = str(size).strip().upper()
+    if text.isdigit():
+        return int(text)
+    for unit, factor in _SIZE_UNITS.items():
+        if text.endswith(unit):
+            try:
+                value = float(text[: -len(unit)])
+            except ValueError:
+                break
+            if value > 0:
+                return int(value * factor)
+    raise UserError(f"--max_shard_size {size!r}: give a size such as 5GB, 500MB or 200KB")
+
+
+def write_safetensors_sharded(tensors: dict[str, tuple[tuple, np.dtype]], fetch, folder: Path,
+                              max_shard_size: str | int = "5GB", write: bool = True) -> list[str]:
+    """Writes the tensors as transformers' save_pretrained does: one `model.safetensors` when they fit in
+    `max_shard_size`, else `model-0000i-of-0000N.safetensors` shards + `model.safetensors.index.json`.
+    `tensors` gives each name's (shape, dtype) in order; `fetch(name)` brings one tensor to this host only when
+    its shard is written, so the host holds about one shard. Every process of a multi-process export calls this
+    (fetching is collective); only the one with `write` writes. Returns the files written."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+    from safetensors.numpy import save_file
+
+    sizes = {k: int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for k, (shape, dtype) in tensors.items()}
+    split = split_state_dict_into_shards_factory(sizes, get_storage_size=lambda n: n, max_shard_size=parse_size(
+        max_shard_size), filename_pattern="model{suffix}.safetensors")
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+    for filename, names in split.filename_to_tensors.items():
+        shard = {name: np.ascontiguousarray(fetch(name)) for name in names}
+        if write:
+            save_file(shard, folder / filename, metadata={"format": "pt"})
+        del shard
+    if write and split.is_sharded:
+        total_parameters = sum(int(np.prod(shape, dtype=np.int64)) for shape, _ in tensors.values())
+        index = {"metadata": {"total_parameters": total_parameters, **split.metadata},
+                 "weight_map": split.tensor_to_filename}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return list(split.filename_to_tensors) + (["model.safetensors.index.json"] if split.is_sharded else [])
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:

@@ -160,11 +160,14 @@ def state_shardings(state: dict, rules: Rules, mesh: Mesh):
 
 def put(tree, shardings):
     """Host (or single-device) arrays → global arrays with these shardings; in a multi-host run every process
-    holds the same host values and hands over only the pieces its own devices keep."""
+    holds the same host values and hands over only the pieces its own devices keep (global arrays move as they
+    are)."""
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
 
     def one(x, s):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global (a sharded load)
+            return jax.device_put(x, s)
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxsft import parallel
+from jaxsft import fs, parallel
 from jaxsft.data.batching import BatchPlan, default_buckets
 from jaxsft.errors import UserError
 
@@ -97,22 +97,36 @@ def eval_batch_size(config, mesh) -> int:
 
 
 def make_eval_step(functional, task, mesh, param_shardings=None):
-    """A jitted (params, batch) → per-row outputs (replicated); params keep `param_shardings` (None: the
-    shardings they arrive with, sharded or replicated), the batch is split over (data, fsdp)."""
+    """A jitted (params, batch) → per-row outputs (replicated), as a precompile.Ahead; params keep
+    `param_shardings` (None: the shardings they arrive with, sharded or replicated), the batch is split over
+    (data, fsdp)."""
     def step(params, batch):
         return task.eval_outputs(task.forward(functional.apply, params, batch), batch)
 
-    return jax.jit(step, in_shardings=(param_shardings, parallel.batch_sharding(mesh)),
-                   out_shardings=parallel.replicated(mesh))
+    from jaxsft.precompile import Ahead
+
+    return Ahead(jax.jit(step, in_shardings=(param_shardings, parallel.batch_sharding(mesh)),
+                         out_shardings=parallel.replicated(mesh)), batch_arg=1)
+
+
+def eval_batches(features, config, mesh, task, pad_id: int):
+    """(index batches, collate) of an eval pass: length-sorted, fixed-shape batches."""
+    bs = eval_batch_size(config, mesh)
+    plan = BatchPlan(features.lengths, bs, seed=0, shuffle=False, group_by_length=True)
+    return plan.epoch(0), partial(task.collate, features, batch_size=bs, buckets=buckets(config), pad_id=pad_id)
 
 
 def predict(eval_step, params, features, config, mesh, task, pad_id: int) -> np.ndarray:
-    """The task's eval outputs for every row, in the data's order (batches are length-sorted, fixed-shape)."""
-    bs = eval_batch_size(config, mesh)
-    plan = BatchPlan(features.lengths, bs, seed=0, shuffle=False, group_by_length=True)
-    collate = partial(task.collate, features, batch_size=bs, buckets=buckets(config), pad_id=pad_id)
+    """The task's eval outputs for every row, in the data's order (batches are length-sorted, fixed-shape). The
+    first call compiles every batch shape of the pass up front, in parallel (jaxsft.precompile)."""
+    from jaxsft import precompile
+
+    batches, collate = eval_batches(features, config, mesh, task, pad_id)
+    if not eval_step.planned:
+        precompile.compile_all(eval_step.jobs((params, None), collate, batches, mesh), "eval ")
+        eval_step.planned = True
     out = None
-    for idx in plan.epoch(0):
+    for idx in batches:
         logits = parallel.to_host(eval_step(params, parallel.to_global(collate(idx), mesh)))
         if out is None:
             out = np.zeros((len(features),) + logits.shape[1:], dtype=np.float32)
@@ -128,7 +142,7 @@ def restore_params(workdir: Path, config, params_template: dict, mesh, which: st
     from jaxsft import optim
     from jaxsft.checkpoint import Checkpoints, abstract
 
-    directory = Path(workdir) / "checkpoints"
+    directory = fs.path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise UserError(f"--workdir {workdir}: no checkpoints/ folder; has the run saved a checkpoint yet?")
     ckpts = Checkpoints(directory, metric=config.checkpoint_metric, mode=config.checkpoint_mode or "max",
@@ -139,7 +153,7 @@ def restore_params(workdir: Path, config, params_template: dict, mesh, which: st
     step = ckpts.best_step() if which == "best" else steps[-1]
     tx, _ = optim.make_optimizer(config, 1)
     if rules is None:
-        rules = parallel.rules_for(load_hf_config(Path(workdir) / "hf", "--workdir"))
+        rules = parallel.rules_for(load_hf_config(workdir_hf(workdir), "--workdir"))
     train_p, frozen = split_trainable(params_template, trainable)
     target = abstract(train_state(train_p, frozen, jax.eval_shape(tx.init, train_p)))
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target,
@@ -179,13 +193,36 @@ def build(hf_config, config, *, with_lora: bool = True):
     return model, trainable
 
 
+def load_pretrained(hf_config, config, folder: Path, mesh, source: str, rules=None):
+    """(model with shapes only, params, LoRA trainable predicate, load report) of the checkpoint in `folder`:
+    params placed straight into their shardings (the family's partition rules on `mesh`; `rules=()`: replicated),
+    each process reading only its devices' slices. LoRA adapters are not added (train.py injects them)."""
+    from jaxsft import hf_io
+    from jaxsft.models import load_sharded
+
+    built = {}
+
+    def make():
+        model, built["trainable"] = build(hf_config, config, with_lora=False)
+        return model
+
+    rules = parallel.rules_for(hf_config) if rules is None else rules
+    model, params, report = load_sharded(make, hf_io.WeightReader(folder), source, mesh, rules or None)
+    return model, params, built["trainable"], report
+
+
+def workdir_hf(workdir) -> Path:
+    """W/hf as a local folder transformers can read (a gs:// workdir's is downloaded once per process)."""
+    return fs.local_copy(fs.path(workdir) / "hf")
+
+
 def workdir_model(workdir: Path, config):
     """(Functional, flat param template, hf_config, tokenizer) rebuilt from W/hf and W/config.json alone."""
     from flax import nnx
 
     from jaxsft.models import Functional, flatten_state
 
-    hf_dir = Path(workdir) / "hf"
+    hf_dir = workdir_hf(workdir)
     hf_config = load_hf_config(hf_dir, "--workdir")
     tokenizer = load_tokenizer(hf_dir, "--workdir")
     model, trainable = build(hf_config, config)

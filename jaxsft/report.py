@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from jaxsft import cli
+from jaxsft import cli, fs
 from jaxsft.errors import UserError, run_cli
 
 NOT_CURVES = {"eval_seconds"}  # bookkeeping, not a metric
@@ -16,7 +16,7 @@ NOT_CURVES = {"eval_seconds"}  # bookkeeping, not a metric
 
 def read_events(workdir: str | Path) -> tuple[dict[int, dict], dict[int, dict]]:
     """(train rows, eval rows) by step; after a resume the rerun's rows replace the first run's of the same step."""
-    path = Path(workdir) / "metrics.jsonl"
+    path = fs.path(workdir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"--workdir {workdir}: no metrics.jsonl, so nothing to report (has a run logged there?)")
     train, evals = {}, {}
@@ -60,7 +60,7 @@ def _fmt(v) -> str:
 
 def summary_lines(workdir: str | Path) -> list[str]:
     """A short table: steps, final train loss, best eval metric and its step, last eval, wall time."""
-    workdir = Path(workdir)
+    workdir = fs.path(workdir)
     train, evals = read_events(workdir)
     rows = [("steps", str(max([*train, *evals])))]
     if train:
@@ -90,7 +90,7 @@ def plot(workdir: str | Path) -> Path:
     """Writes W/report.png: train loss (with eval_loss) and one panel per other eval metric."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
 
-    workdir = Path(workdir)
+    workdir = fs.path(workdir)
     train, evals = read_events(workdir)
     others = [k for k in eval_metric_names(evals) if k != "eval_loss"][:8]
     panels = 1 + len(others)
@@ -114,7 +114,14 @@ def plot(workdir: str | Path) -> Path:
         ax.set_visible(False)
     fig.suptitle(str(workdir))
     out = workdir / "report.png"
-    fig.savefig(out, dpi=100)
+    if fs.is_remote(out):  # matplotlib writes local files or streams
+        import io
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        out.write_bytes(buf.getvalue())
+    else:
+        fig.savefig(out, dpi=100)
     return out
 
 

@@ -5,24 +5,42 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import jax
 
+from jaxsft import fs
+
 log = logging.getLogger("jaxsft")
 
 
 class MetricsWriter:
     """Appends one JSON object per event (always with `step` and `time`) to W/metrics.jsonl and every numeric
-    value to TensorBoard event files in W/tensorboard/ (tensorboardX, no TensorFlow); process 0 only."""
+    value to TensorBoard event files in W/tensorboard/ (tensorboardX, no TensorFlow); process 0 only.
+
+    A `gs://` workdir has no append: the rows are kept in memory (after those already in the object, read first
+    so a resumed run loses nothing) and the object is written whole at most every `REMOTE_FLUSH_SECONDS` (GCS
+    allows about one write per second to an object), on `flush()` and on `close()`; TensorBoard events are
+    written to a local temp folder and copied up whole at the same moments."""
+
+    REMOTE_FLUSH_SECONDS = 5.0
 
     def __init__(self, path: Path):
-        self.path = Path(path)
+        self.path = fs.path(path)
+        self.remote = fs.is_remote(self.path)
         self.enabled = jax.process_index() == 0
         self.tb = None
-        if self.enabled and self.path.is_file() and self.path.stat().st_size:
+        self._rows: bytearray | None = None  # remote: the whole object's content
+        self._tb_local: Path | None = None  # remote: where tensorboardX writes before the copy up
+        self._uploaded = 0.0
+        if self.enabled and self.remote:
+            self._rows = bytearray(self.path.read_bytes() if self.path.exists() else b"")
+            if self._rows and not self._rows.endswith(b"\n"):  # a row cut short by a kill
+                self._rows += b"\n"
+        elif self.enabled and self.path.is_file() and self.path.stat().st_size:
             with self.path.open("rb+") as f:  # a row cut short by a kill: the next one starts on a line of its own
                 f.seek(-1, 2)
                 if f.read(1) != b"\n":
@@ -31,7 +49,11 @@ class MetricsWriter:
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+                if self.remote:
+                    import tempfile
+
+                    self._tb_local = Path(tempfile.mkdtemp(prefix="jaxsft-tensorboard-"))
+                self.tb = SummaryWriter(str(self._tb_local or self.path.parent / "tensorboard"))
             except Exception as e:  # noqa: BLE001 - TensorBoard is a view; metrics.jsonl stays the record
                 log.warning("warning: no TensorBoard events (%s: %s)", type(e).__name__, e)
 
@@ -40,18 +62,39 @@ class MetricsWriter:
             return
         now = time.time()
         row = {"step": int(step), **{k: _plain(v) for k, v in values.items()}, "time": round(now, 3)}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.remote:
+            self._rows += (json.dumps(row) + "\n").encode()
+        else:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for k, v in row.items():
                 if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(k, v, global_step=int(step), walltime=now)
             self.tb.flush()
+        if self.remote and now - self._uploaded >= self.REMOTE_FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Remote: writes metrics.jsonl and the TensorBoard event files whole (local files are always current)."""
+        if not (self.enabled and self.remote):
+            return
+        self.path.write_bytes(bytes(self._rows))
+        if self._tb_local is not None:
+            if self.tb is not None:
+                self.tb.flush()
+            fs.upload_folder(self._tb_local, self.path.parent / "tensorboard")
+        self._uploaded = time.time()
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+        self.flush()
+        if self._tb_local is not None:
+            shutil.rmtree(self._tb_local, ignore_errors=True)
+            self._tb_local = None
+        self.enabled = self.enabled and not self.remote  # remote: nothing more is written after close
 
 
 def _plain(v):

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from functools import partial
@@ -18,16 +19,17 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from jaxsft import config as config_lib
-from jaxsft import hf_io, optim, parallel, pipeline
+from jaxsft import fs, hf_io, optim, parallel, pipeline, precompile
 from jaxsft.checkpoint import Checkpoints, abstract
 from jaxsft.data.batching import BatchPlan, padding_share
 from jaxsft.errors import EXIT_FAILURE, RunFailed, Stopped, UserError
 from jaxsft.lock import WorkdirLock
-from jaxsft.models import Functional, compute_dtype, load_weights, report_load
+from jaxsft.models import Functional, compute_dtype, report_load
 from jaxsft.reporting import MetricsWriter, Progress
 
 log = logging.getLogger("jaxsft")
@@ -58,9 +60,8 @@ def validate(config) -> None:
 def check_workdir(workdir: Path) -> None:
     """Fails early (before any loading) if the workdir cannot be a folder we write to: tried for real with a
     probe that is removed at once (permission bits say nothing for root, or under /proc)."""
-    if "://" in str(workdir):
-        raise UserError(f"--workdir {workdir}: object-store workdirs (gs://, s3://) are not supported yet; mount the "
-                        "bucket (e.g. gcsfuse) and pass the mounted folder")
+    if fs.is_remote(workdir):
+        return _check_remote_workdir(workdir)
     p = Path(workdir)
     if p.exists() and not p.is_dir():
         raise UserError(f"--workdir {workdir} is a file, not a folder")
@@ -84,6 +85,28 @@ def check_workdir(workdir: Path) -> None:
         raise UserError(f"--workdir {workdir} {what} failed: {e.strerror or type(e).__name__})") from None
 
 
+def _check_remote_workdir(workdir) -> None:
+    """gs://: gcsfs installed, and the bucket reachable and writable (a probe object, removed at once)."""
+    import socket
+
+    try:
+        p = fs.path(workdir)
+    except UserError as e:
+        raise UserError(f"--workdir {e}") from None
+    probe = p / f".jaxsft-write-check-{socket.gethostname()}-{os.getpid()}"
+    try:
+        if p.is_file():
+            raise UserError(f"--workdir {workdir} is an object, not a folder")
+        probe.write_text("")
+        probe.unlink()
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - auth, no such bucket, no network: all one line
+        text = str(e).splitlines()[0][:200] if str(e) else ""
+        raise UserError(f"--workdir {workdir} is not writable (writing {probe.name} failed: {type(e).__name__}: "
+                        f"{text})") from None
+
+
 def check_resume_config(workdir: Path, config, *, force: bool, unresolved: bool = False) -> None:
     """A workdir that holds a run (W/config.json): another task's run is refused outright (its checkpoints cannot
     resume this one, `force` or not); a change to a key that defines the run (model, data and fields, labels,
@@ -91,7 +114,7 @@ def check_resume_config(workdir: Path, config, *, force: bool, unresolved: bool 
     `key: old → new`, unless `force`; schedule and bookkeeping keys (config.RESUMABLE) may change.
     Called before loading (`unresolved`: keys left to inference are skipped) and again once labels etc. are
     resolved, before anything is written."""
-    saved = Path(workdir) / "config.json"
+    saved = fs.path(workdir) / "config.json"
     if not saved.is_file():
         return
     try:
@@ -175,7 +198,7 @@ def make_train_step(functional, task, tx, config, mesh, state_shardings=None):
     state unchanged and adds nothing to the loss sums; the host counts these steps from `finite`."""
     skip = bool(config.skip_nonfinite_updates)
     k = config.gradient_accumulation_steps
-    key = jax.random.key(config.seed)
+    key = jax.random.key(config.seed, impl="rbg")  # dropout: XLA's RngBitGenerator (compiles ~20% faster on CPU)
 
     def sums(params, frozen, batch, rng):
         if hasattr(task, "train_sums"):  # a task that computes its loss its own way (causal_lm: chunked CE)
@@ -187,8 +210,13 @@ def make_train_step(functional, task, tx, config, mesh, state_shardings=None):
         params, opt_state, frozen = state["params"], state["opt_state"], state.get("frozen", {})
         rng = jax.random.fold_in(key, step_no)
         grad_fn = jax.value_and_grad(lambda p, b, r: sums(p, frozen, b, r), has_aux=True)
-        if k == 1:
-            (loss_sum, count), grads = grad_fn(params, batch, rng)
+        if k == 1:  # the mean's gradient directly: no extra pass dividing every gradient by the count
+
+            def mean(p, b, r):
+                ls, n = sums(p, frozen, b, r)
+                return ls / jax.lax.stop_gradient(jnp.maximum(n, 1.0)), (ls, n)
+
+            (_, (loss_sum, count)), grads = jax.value_and_grad(mean, has_aux=True)(params, batch, rng)
         else:
             # Strided micro-batches keep every device's rows inside each micro-batch.
             micro = jax.tree.map(lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
@@ -201,7 +229,7 @@ def make_train_step(functional, task, tx, config, mesh, state_shardings=None):
             zeros = jax.tree.map(jnp.zeros_like, params)
             scalar = jnp.zeros((), jnp.float32)
             (loss_sum, count, grads), _ = jax.lax.scan(body, (scalar, scalar, zeros), (jnp.arange(k), micro))
-        grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+            grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, opt_state, params)
@@ -223,14 +251,20 @@ def make_train_step(functional, task, tx, config, mesh, state_shardings=None):
 def _write_workdir_files(workdir: Path, config, hf_config, tokenizer, folder: Path) -> None:
     if jax.process_index() != 0:
         return
-    workdir.mkdir(parents=True, exist_ok=True)
+    remote = fs.is_remote(workdir)  # transformers saves to local folders: remote hf/ is uploaded from a temp one
+    if not remote:
+        workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
-    hf_config.save_pretrained(workdir / "hf")
+    hf_dir = Path(tempfile.mkdtemp(prefix="jaxsft-hf-")) if remote else workdir / "hf"
+    hf_config.save_pretrained(hf_dir)
     if config.data.chat_template:
         tokenizer.chat_template = config.data.chat_template
-    tokenizer.save_pretrained(workdir / "hf")
+    tokenizer.save_pretrained(hf_dir)
     if (Path(folder) / "generation_config.json").is_file():
-        shutil.copy(Path(folder) / "generation_config.json", workdir / "hf" / "generation_config.json")
+        shutil.copy(Path(folder) / "generation_config.json", hf_dir / "generation_config.json")
+    if remote:
+        fs.upload_folder(hf_dir, workdir / "hf")
+        shutil.rmtree(hf_dir, ignore_errors=True)
     (workdir / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
 
 
@@ -280,7 +314,7 @@ def _drain(pending: list, ckpts: Checkpoints, skip: bool) -> tuple[float, float,
 def train_and_evaluate(config, workdir: str | Path, *, force: bool = False) -> dict:
     """Fine-tunes per config, evaluating and checkpointing into workdir; resumes if workdir has checkpoints
     (refused if the config changes a key that defines the run, unless `force`)."""
-    workdir = Path(workdir)
+    workdir = fs.path(workdir)  # a local Path, or an epath.Path for gs://
     validate(config)
     check_workdir(workdir)
     check_resume_config(workdir, config, force=force, unresolved=True)
@@ -321,15 +355,16 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
                                need_labels=True)
     if hasattr(task, "set_label_config"):
         task.set_label_config(hf_config, config)
-    model, trainable = pipeline.build(hf_config, config, with_lora=False)
     if config.model.from_scratch:  # the architecture only: fresh random weights (HF initialisation ranges)
         from jaxsft.models import flatten_state
 
+        model, trainable = pipeline.build(hf_config, config, with_lora=False)
         params = flatten_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         log.info("model.from_scratch: %s with %d fresh random parameters", type(model).__name__,
                  sum(v.size for v in params.values()))
-    else:
-        params, report = load_weights(model, hf_io.read_weights(folder), str(config.model.name_or_path))
+    else:  # straight into the shardings: each process reads only its devices' slices (model: shapes only)
+        model, params, trainable, report = pipeline.load_pretrained(hf_config, config, folder, mesh,
+                                                                    str(config.model.name_or_path))
         report_load(report, type(model).__name__, str(config.model.name_or_path))
     if trainable is not None:  # LoRA: adapters join the loaded weights; only they (and a new head) train
         from jaxsft.models import flatten_state, lora
@@ -396,6 +431,20 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
              "(buckets %s)", total, plan.num_batches, config.batch_size, mesh.size, dict(mesh.shape),
              100 * padding_share(train.lengths, plan.epoch(0), config.batch_size, bucket_list), bucket_list)
 
+    train_step = precompile.Ahead(train_step, batch_arg=1)
+    if config.get("precompile", True) and step < total:  # every batch shape, train and eval, compiled in parallel
+        upcoming, e, b = [], epoch, batch_in_epoch
+        while len(upcoming) < total - step and e <= epoch + 1:  # shapes repeat across epochs
+            upcoming += plan.epoch(e)[b:]
+            e, b = e + 1, 0
+        jobs = train_step.jobs((state, None, np.int32(step)), collate, upcoming[:total - step], mesh)
+        if evals is not None:
+            eval_batches, eval_collate = pipeline.eval_batches(evals, config, mesh, task, pad_id)
+            jobs += eval_step.jobs(({**state.get("frozen", {}), **state["params"]}, None), eval_collate,
+                                   eval_batches, mesh)
+            eval_step.planned = True
+        precompile.compile_all(jobs)
+
     hypotheses = pipeline.hypothesis_fn(task, functional, config, folder, hf_config, tokenizer, mesh)
 
     def evaluate(step_no: int) -> dict:
@@ -426,6 +475,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
         meta = {"step": step, "epoch": epoch_after, "batch_in_epoch": batch_after, "acc_loss_sum": acc_loss,
                 "acc_count": acc_count, "eval_metrics": last_metrics, "skipped_updates": skipped, **extra}
         ckpts.save(step, state, meta, metrics)
+        writer.flush()  # gs://: metrics.jsonl written whole beside each checkpoint (locally always current)
 
     while step < total:
         batches = plan.epoch(epoch)
@@ -433,7 +483,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
             if step >= total:
                 break
             idx = batches[bi]
-            state, out = train_step(state, parallel.to_global(collate(idx), mesh), jnp.int32(step))
+            state, out = train_step(state, parallel.to_global(collate(idx), mesh), np.int32(step))
             step += 1
             ex_log += len(idx)
             tok_log += int(train.lengths[idx].sum())
@@ -481,7 +531,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
     progress.close()
     ckpts.close()
     writer.close()
-    final = {"step": step, **last_metrics, "train_step_compilations": train_step._cache_size()}
+    final = {"step": step, **last_metrics, "train_step_compilations": train_step.compilations}
     log.info("done: %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in final.items()})
     if jax.process_index() == 0:
         try:

@@ -74,7 +74,7 @@ class Functional:
 
 # Scanned layers (model.scan_layers): one parameter per layer stack, its leading axis the layer index; its path has no
 # index after `layers` (`model.layers.self_attn.q_proj.kernel`), the per-layer HF names do (`model.layers.3.…`).
-_STACKED = re.compile(r"^((?:.*\.)?layers)\.(?!\d+(?:\.|$))(.+)$")
+_STACKED = re.compile(r"^((?:.*\.)?layers?)\.(?!\d+(?:\.|$))(.+)$")
 
 
 def stacked_parts(path: str) -> tuple[str, str] | None:
@@ -115,51 +115,142 @@ def build_model(hf_config, task: str, dtype, seed: int, options: dict | None = N
     set_options = {k: v for k, v in (options or {}).items() if v is not None and v != MODEL_OPTION_DEFAULTS.get(k)}
     unsupported = sorted(set(set_options) - set(getattr(family, "OPTIONS", ())))
     if unsupported:
+        from jaxsft.models.registry import FAMILIES
+
+        able = sorted(t for t, f in FAMILIES.items() if unsupported[0] in getattr(f, "OPTIONS", ()))
         raise UserError(f"config.model.{unsupported[0]}={set_options[unsupported[0]]!r} is not available for "
-                        f"{family.__name__.rsplit('.', 1)[-1]} models (only for llama, mistral, qwen2, qwen3)")
+                        f"{family.__name__.rsplit('.', 1)[-1]} models (only for {', '.join(able)})")
     return builder(family, task)(hf_config, dtype, nnx.Rngs(seed), **set_options)
 
 
-def load_weights(model: nnx.Module, weights: dict[str, np.ndarray], source: str) -> tuple[dict, LoadReport]:
-    """Fills the model's flat params from PyTorch-named weights; returns (params, report)."""
-    family_prefix = getattr(model, "base_prefix", "")
-    family = family_for_model(model)
-    ckpt = {family.normalize_hf_key(k, family_prefix): v for k, v in weights.items()}
-    params = flatten_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+def _match(shapes: dict[str, tuple], ckpt_shapes: dict[str, tuple], family, model_class: str, source: str):
+    """Which checkpoint tensors fill which params: ({path: (names, transpose)}, report) where `names` holds one
+    PyTorch name, or one per layer for a scanned stack; params absent from the checkpoint are left out (and
+    reported missing). Checks every shape against config.json's."""
     report = LoadReport()
     used = set()
     fallbacks = getattr(family, "WEIGHT_FALLBACKS", {})  # weights transformers ties on load when absent
+    plan = {}
 
     def one(path: str, shape: tuple):
         name, transpose = hf_name(path)
-        source_name = name if name in ckpt else fallbacks.get(name)
-        if source_name not in ckpt:
+        source_name = name if name in ckpt_shapes else fallbacks.get(name)
+        if source_name not in ckpt_shapes:
             report.missing.append(name)
             return None
         if source_name != name:
             log.info("%s: %s is not in the checkpoint; tied to %s as transformers does", source, name, source_name)
-        arr = np.asarray(ckpt[source_name])
-        arr = arr.T if transpose else arr
-        if arr.shape != shape:
-            raise UserError(f"{source}: weight {name} has shape {tuple(np.asarray(ckpt[source_name]).shape)}, "
+        found = tuple(ckpt_shapes[source_name])
+        if (found[::-1] if transpose else found) != shape:
+            raise UserError(f"{source}: weight {name} has shape {found}, "
                             f"but its config.json implies {shape[::-1] if transpose else shape}"
                             " (do config.json and the weights come from the same checkpoint?)")
         used.add(source_name)
-        return arr
+        return source_name, transpose
 
-    for path, init in params.items():
+    for path, shape in shapes.items():
+        shape = tuple(shape)
         if stacked_parts(path) is None:
-            arr = one(path, tuple(init.shape))
+            found = [one(path, shape)]
         else:  # a scanned layer stack: one HF weight per layer index, stacked on axis 0
-            per_layer = [one(unstack_path(path, i), tuple(init.shape[1:])) for i in range(init.shape[0])]
-            arr = None if any(a is None for a in per_layer) else np.stack(per_layer)
-        if arr is not None:
-            params[path] = jnp.asarray(arr, dtype=init.dtype)
-    report.unexpected = sorted(k for k in ckpt if k not in used and not k.endswith(family.IGNORED_HF_KEYS))
+            found = [one(unstack_path(path, i), shape[1:]) for i in range(shape[0])]
+        if all(f is not None for f in found):
+            plan[path] = ([f[0] for f in found], found[0][1])
+    report.unexpected = sorted(k for k in ckpt_shapes if k not in used and not k.endswith(family.IGNORED_HF_KEYS))
     if len(used) == 0:
-        raise UserError(f"{source}: none of the checkpoint's weights match a {type(model).__name__} "
-                        f"(first names: {', '.join(list(ckpt)[:3])})")
+        raise UserError(f"{source}: none of the checkpoint's weights match a {model_class} "
+                        f"(first names: {', '.join(list(ckpt_shapes)[:3])})")
+    return plan, report
+
+
+def _assemble(names: list[str], transpose: bool, stacked: bool, read, index: tuple) -> np.ndarray:
+    """`index` (a tuple of slices, in our layout) of one param, read from its checkpoint tensor(s) by
+    `read(name, index in PyTorch layout)`."""
+    def one(name, idx):
+        arr = read(name, tuple(idx)[::-1] if transpose else tuple(idx))
+        return arr.T if transpose else arr
+
+    if not stacked:
+        return one(names[0], index)
+    return np.stack([one(names[i], index[1:]) for i in range(len(names))[index[0]]])
+
+
+def load_weights(model: nnx.Module, weights: dict[str, np.ndarray], source: str) -> tuple[dict, LoadReport]:
+    """Fills the model's flat params from PyTorch-named weights; returns (params, report)."""
+    family = family_for_model(model)
+    ckpt = {family.normalize_hf_key(k, getattr(model, "base_prefix", "")): v for k, v in weights.items()}
+    params = flatten_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    plan, report = _match({k: v.shape for k, v in params.items()}, {k: np.shape(v) for k, v in ckpt.items()},
+                          family, type(model).__name__, source)
+    for path, (names, transpose) in plan.items():
+        full = (slice(None),) * params[path].ndim
+        arr = _assemble(names, transpose, stacked_parts(path) is not None,
+                        lambda name, idx: np.asarray(ckpt[name])[idx], full)
+        params[path] = jnp.asarray(arr, dtype=params[path].dtype)
     return params, report
+
+
+def load_sharded(build, reader, source: str, mesh, rules=None) -> tuple[nnx.Module, dict, LoadReport]:
+    """(abstract model, params, report) for the model `build()` makes, its params global arrays placed straight
+    into their shardings (by `rules` on `mesh`; None: replicated): each process reads from `reader`
+    (hf_io.WeightReader) only the slices its own devices keep, and nothing builds the whole model in memory.
+    Params the checkpoint lacks (new heads) get the values an eager `build()` gives them."""
+    from jaxsft import parallel
+
+    model = nnx.eval_shape(build)
+    family = family_for_model(model)
+    prefix = getattr(model, "base_prefix", "")
+    original = {family.normalize_hf_key(k, prefix): k for k in reader.shapes}
+    shapes = flatten_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    plan, report = _match({k: v.shape for k, v in shapes.items()}, {k: reader.shapes[original[k]] for k in original},
+                          family, type(model).__name__, source)
+    if rules is None:
+        shardings = {k: parallel.replicated(mesh) for k in shapes}
+    else:
+        shardings = parallel.param_shardings(shapes, rules, mesh)
+
+    def read(name, index):
+        return reader.read(original[name], index)
+
+    params = {}
+    for path, (names, transpose) in plan.items():
+        dtype = np.dtype(shapes[path].dtype)
+        reader_of = _slice_reader(names, transpose, stacked_parts(path) is not None, read, dtype)
+        params[path] = jax.make_array_from_callback(tuple(shapes[path].shape), shardings[path], reader_of, dtype=dtype)
+    missing = [k for k in shapes if k not in plan]
+    if missing:
+        params.update(_init_params(build, {k: shardings[k] for k in missing}))
+    return model, {k: params[k] for k in shapes}, report
+
+
+def _slice_reader(names, transpose: bool, stacked: bool, read, dtype):
+    """The make_array_from_callback callback of one param: its slice, cast per slice to the param's dtype."""
+    pieces: dict = {}  # a partly replicated param asks for the same slice once per device: read it once
+
+    def piece(index):
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in pieces:
+            pieces[key] = np.asarray(_assemble(names, transpose, stacked, read, index)).astype(dtype, copy=False)
+        return pieces[key]
+
+    return piece
+
+
+def _init_params(build, shardings: dict) -> dict:
+    """The params named in `shardings` as `build()` initialises them, computed in place on their devices (XLA
+    drops the rest of the model). Without XLA's algebraic simplifier the values are bit-identical to an eager
+    build's (it would fold e.g. `normal() * std` differently from the op-by-op eager run)."""
+    def init():
+        flat = flatten_state(nnx.to_pure_dict(nnx.state(build(), nnx.Param)))
+        return {k: flat[k] for k in shardings}
+
+    lowered = jax.jit(init, out_shardings=shardings).lower()
+    try:
+        compiled = lowered.compile(compiler_options={"xla_disable_hlo_passes": "algsimp"})
+    except Exception as e:  # noqa: BLE001 - a backend that needs the pass: values may differ in the last bit
+        log.info("initialising new parameters with XLA's algebraic simplifier (%s)", type(e).__name__)
+        compiled = lowered.compile()
+    return compiled()
 
 
 def family_for_model(model: nnx.Module):
@@ -168,17 +259,32 @@ def family_for_model(model: nnx.Module):
     return importlib.import_module(type(model).__module__)
 
 
-def to_hf_weights(params: dict, dtype=np.float32) -> dict[str, np.ndarray]:
-    """Flat params → PyTorch-named, PyTorch-layout numpy arrays (for export)."""
+def hf_layout(params: dict) -> dict[str, tuple[str, int | None, bool]]:
+    """PyTorch name → (our param path, layer index in a scanned stack or None, transpose?) of every exported
+    tensor, in the params' order."""
     out = {}
     for path, value in params.items():
-        arr = np.asarray(jax.device_get(value)).astype(dtype)
-        items = [(path, arr)] if stacked_parts(path) is None else \
-            [(unstack_path(path, i), arr[i]) for i in range(arr.shape[0])]
-        for p, a in items:
-            name, transpose = hf_name(p)
-            out[name] = np.ascontiguousarray(a.T if transpose else a)
+        layers = [None] if stacked_parts(path) is None else range(value.shape[0])
+        for i in layers:
+            name, transpose = hf_name(path if i is None else unstack_path(path, i))
+            out[name] = (path, i, transpose)
     return out
+
+
+def hf_tensor(params: dict, entry: tuple[str, int | None, bool], dtype=np.float32) -> np.ndarray:
+    """One exported tensor (an `hf_layout` entry) fetched to this host in PyTorch layout; in a multi-process run
+    every process must call it (the pieces are gathered from all of them)."""
+    from jaxsft import parallel
+
+    path, layer, transpose = entry
+    value = params[path] if layer is None else params[path][layer]  # a scanned stack: one layer's slice only
+    arr = (parallel.to_host(value) if isinstance(value, jax.Array) else np.asarray(value)).astype(dtype)
+    return np.ascontiguousarray(arr.T if transpose else arr)
+
+
+def to_hf_weights(params: dict, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Flat params → PyTorch-named, PyTorch-layout numpy arrays (for export)."""
+    return {name: hf_tensor(params, entry, dtype) for name, entry in hf_layout(params).items()}
 
 
 def report_load(report: LoadReport, model_class: str, source: str) -> None:

@@ -76,7 +76,7 @@ def _conv1d_lora():
 def _in_out(module) -> tuple[int, int]:
     if isinstance(module, nnx.Linear):
         return module.in_features, module.out_features
-    w = module.weight[...]
+    w = module.weight.get_value()  # an array, or its shape only (a model loaded straight into shardings)
     return int(w.shape[0]), int(w.shape[1])
 
 

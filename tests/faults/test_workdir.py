@@ -57,11 +57,19 @@ def test_an_unusable_workdir_exits_2_with_one_line_before_loading_anything(case,
     assert sorted(tmp_path.rglob("*")) == before  # nothing created, not even a probe
 
 
-def test_object_store_workdir_is_refused_with_the_way_around():
-    """gs:// is not supported yet: one clear error (not a local folder called "gs:"), pointing to a FUSE mount."""
+def test_object_store_workdir_without_gcsfs_or_of_another_scheme_is_one_line(monkeypatch):
+    """gs:// needs gcsfs (the `gcs` extra): without it one line naming the install; s3:// etc. are refused. Neither
+    becomes a local folder called "gs:" (tests/test_gcs_workdir.py runs a gs:// workdir end to end)."""
+    import sys
+
     from jaxsft.errors import UserError
     from jaxsft.train import check_workdir
 
-    with pytest.raises(UserError, match=r"gs://bucket/run1.*not supported yet.*mount"):
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # import gcsfs raises ImportError
+    with pytest.raises(UserError, match=r"^--workdir gs://bucket/run1: gs:// workdirs need gcsfs: pip install "
+                                        r"'jaxsft\[gcs\]'$"):
         check_workdir("gs://bucket/run1")
-    assert not Path("gs:").exists()
+    with pytest.raises(UserError, match=r"^--workdir s3://bucket/run1: s3:// is not supported; use a local folder "
+                                        r"or gs://bucket/path$"):
+        check_workdir("s3://bucket/run1")
+    assert not Path("gs:").exists() and not Path("s3:").exists()
