@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.chunked_loss_size = 0  # causal_lm: > 0 computes logits + cross-entropy this many tokens at a time (never the
     # whole (batch, T, vocab) float32 logits; the backward pass recomputes each chunk's logits); 0: all at once
     c.skip_nonfinite_updates = False  # True: a step with a NaN/inf loss or gradient leaves the weights as they were
+    c.precompile = True  # compile every batch shape of the run (train and eval) before the first step, in parallel
 
     c.log_every_steps = 50
     c.eval_every_steps = -1  # <= 0: at the end of every epoch

@@ -241,3 +241,43 @@ def test_scanned_sft_run_learns_and_exports_what_transformers_loads(tmp_path):
     assert not report.missing
     got = Functional(ours).apply(params, ids.astype(np.int32), np.ones_like(ids, dtype=np.int32))
     np.testing.assert_allclose(np.asarray(got), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["bert", pytest.param("roberta", marks=pytest.mark.slow)])
+def test_encoder_scan_and_remat_equal_the_plain_encoder_with_dropout_and_padding(model_type):
+    """BERT/RoBERTa: scanned layers and per-layer remat give the plain model's logits and gradients (dropout on,
+    padded rows), and export the per-layer HF names."""
+    cls = tf.BertConfig if model_type == "bert" else tf.RobertaConfig
+    cfg = cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+              max_position_embeddings=64, pad_token_id=1, num_labels=3, initializer_range=0.1)
+    plain = build_model(cfg, "classification", jnp.float32, 0)
+    params = flatten_state(__import__("flax").nnx.to_pure_dict(__import__("flax").nnx.state(plain)))
+    weights = to_hf_weights(params)
+    rng = np.random.RandomState(0)
+    ids = rng.randint(3, VOCAB, (3, 10)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 6:], mask[2, 3:] = 0, 0
+    ids[mask == 0] = 1
+    key = jax.random.key(3)
+
+    def loss_and_grads(options):
+        model = build_model(cfg, "classification", jnp.float32, 0, options)
+        p, report = load_weights(model, weights, "test")
+        assert not report.missing
+        f = Functional(model)
+        loss = lambda q: jnp.sum(f.apply(q, ids, mask, rng=key) ** 2)
+        return p, jax.jit(f.apply)(p, ids, mask), *jax.jit(jax.value_and_grad(loss))(p)
+
+    p0, logits0, loss0, g0 = loss_and_grads({})
+    prefix = "bert" if model_type == "bert" else "roberta"
+    for options in ({"scan_layers": True}, {"remat": "full"}, {"scan_layers": True, "remat": "dots"}):
+        p, logits, loss, g = loss_and_grads(options)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(logits0), atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-5)
+        assert set(to_hf_weights(p)) == set(weights)
+        if options.get("scan_layers"):
+            stacked = g[f"{prefix}.encoder.layer.attention.self.query.kernel"]
+            assert stacked.shape == (3, 32, 32)
+            np.testing.assert_allclose(np.asarray(stacked[1]),
+                                       np.asarray(g0[f"{prefix}.encoder.layer.1.attention.self.query.kernel"]),
+                                       atol=1e-5, rtol=1e-4)

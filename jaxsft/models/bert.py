@@ -6,11 +6,22 @@ under the standard rule (`kernel`→`weight` transposed, `scale`/`embedding`→`
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxsft.models.layers import HEAD_RULES, LayerNorm, activation, attention, dense, dropout, embed, sub_rng
+from jaxsft.models.layers import (
+    HEAD_RULES,
+    LayerNorm,
+    activation,
+    attention,
+    dense,
+    dropout,
+    embed,
+    remat_policy,
+    sub_rng,
+)
 
 ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert")
 MODEL_TYPES = ("bert",) + ROBERTA_LIKE
@@ -97,13 +108,47 @@ class BertLayer(nnx.Module):
         return self.output(self.intermediate(h), h, sub_rng(rng, 1))
 
 
+def _run_layer(graphdef, state, x, mask, rng):
+    """One layer from its (graphdef, state): a pure function of arrays, so jax.checkpoint and lax.scan can wrap it."""
+    return nnx.merge(graphdef, state)(x, mask, rng)
+
+
 class BertEncoder(nnx.Module):
-    def __init__(self, cfg, dtype, rngs: nnx.Rngs):
-        self.layer = nnx.List([BertLayer(cfg, dtype, rngs) for _ in range(cfg.num_hidden_layers)])
+    """The layer stack. `remat` and `scan_layers` as in the decoder family (decoder.DecoderModel): scanned layers
+    are one module whose parameters carry a leading layer axis (`bert.encoder.layer.attention.self.query.kernel`,
+    stacked after construction so the random init equals the unscanned one) run under `jax.lax.scan`, so the
+    layer body is compiled once."""
+
+    def __init__(self, cfg, dtype, rngs: nnx.Rngs, *, remat: str = "none", scan_layers: bool = False):
+        layers = [BertLayer(cfg, dtype, rngs) for _ in range(cfg.num_hidden_layers)]
+        self.remat, self.scan_layers = remat, bool(scan_layers)
+        remat_policy(remat)  # checks the name
+        if self.scan_layers:
+            graphdef, states = nnx.split(layers[0])[0], [nnx.split(layer)[1] for layer in layers]
+            self.layer = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+            self.num_layers = len(layers)
+        else:
+            self.layer = nnx.List(layers)
 
     def __call__(self, x, mask, rng):
+        policy = remat_policy(self.remat)
+        if self.scan_layers:
+            graphdef, state = nnx.split(self.layer)
+
+            def body(h, xs):
+                st, i = xs
+                return _run_layer(graphdef, st, h, mask, sub_rng(rng, i)), None
+
+            if policy is not None:
+                body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+            return jax.lax.scan(body, x, (state, jnp.arange(self.num_layers, dtype=jnp.int32)))[0]
         for i, layer in enumerate(self.layer):
-            x = layer(x, mask, sub_rng(rng, i))
+            if policy is not None:
+                graphdef, state = nnx.split(layer)
+                x = jax.checkpoint(_run_layer, policy=policy, static_argnums=(0,))(graphdef, state, x, mask,
+                                                                                    sub_rng(rng, i))
+            else:
+                x = layer(x, mask, sub_rng(rng, i))
         return x
 
 
@@ -116,9 +161,9 @@ class BertPooler(nnx.Module):
 
 
 class BertModel(nnx.Module):
-    def __init__(self, cfg, dtype, rngs: nnx.Rngs, add_pooling_layer: bool = True):
+    def __init__(self, cfg, dtype, rngs: nnx.Rngs, add_pooling_layer: bool = True, **options):
         self.embeddings = BertEmbeddings(cfg, dtype, rngs)
-        self.encoder = BertEncoder(cfg, dtype, rngs)
+        self.encoder = BertEncoder(cfg, dtype, rngs, **options)
         self.pooler = BertPooler(cfg, dtype, rngs) if add_pooling_layer else None
 
     def __call__(self, input_ids, attention_mask, token_type_ids=None, *, rng=None):
@@ -139,8 +184,8 @@ class BertForSequenceClassification(nnx.Module):
 
     base_prefix = "bert"
 
-    def __init__(self, cfg, dtype=jnp.float32, *, rngs: nnx.Rngs):
-        self.bert = BertModel(cfg, dtype, rngs, add_pooling_layer=True)
+    def __init__(self, cfg, dtype=jnp.float32, *, rngs: nnx.Rngs, **options):
+        self.bert = BertModel(cfg, dtype, rngs, add_pooling_layer=True, **options)
         self.classifier = dense(cfg.hidden_size, cfg.num_labels, dtype=dtype, rngs=rngs, std=cfg.initializer_range)
         self.rate = _classifier_dropout(cfg)
 
@@ -168,8 +213,8 @@ class RobertaForSequenceClassification(nnx.Module):
 
     base_prefix = "roberta"
 
-    def __init__(self, cfg, dtype=jnp.float32, *, rngs: nnx.Rngs):
-        self.roberta = BertModel(cfg, dtype, rngs, add_pooling_layer=False)
+    def __init__(self, cfg, dtype=jnp.float32, *, rngs: nnx.Rngs, **options):
+        self.roberta = BertModel(cfg, dtype, rngs, add_pooling_layer=False, **options)
         self.classifier = RobertaClassificationHead(cfg, dtype, rngs)
 
     def __call__(self, input_ids, attention_mask, token_type_ids=None, *, rng=None):
@@ -177,9 +222,10 @@ class RobertaForSequenceClassification(nnx.Module):
         return self.classifier(hidden, sub_rng(rng, 2000)).astype(jnp.float32)
 
 
-def sequence_classification(cfg, dtype, rngs: nnx.Rngs) -> nnx.Module:
+def sequence_classification(cfg, dtype, rngs: nnx.Rngs, **options) -> nnx.Module:
+    """options: remat, scan_layers (config.model.*)."""
     cls = RobertaForSequenceClassification if cfg.model_type in ROBERTA_LIKE else BertForSequenceClassification
-    return cls(cfg, dtype, rngs=rngs)
+    return cls(cfg, dtype, rngs=rngs, **options)
 
 
 def hf_architecture(cfg, task: str) -> str:
@@ -197,6 +243,7 @@ def normalize_hf_key(key: str, base_prefix: str) -> str:
 
 
 IGNORED_HF_KEYS = ("position_ids",)
+OPTIONS = ("remat", "scan_layers")
 
 
 # Sharding (see parallel.py): regex over flat param names → PartitionSpec; kernels are (in, out). 'fsdp' takes one
@@ -209,6 +256,6 @@ PARTITION_RULES = (
     (r"attention\.output\.dense\.kernel$", P("tensor", "fsdp")),
     (r"intermediate\.dense\.kernel$", P("fsdp", "tensor")),
     (r"intermediate\.dense\.bias$", P("tensor")),
-    (r"layer\.\d+\.output\.dense\.kernel$", P("tensor", "fsdp")),
+    (r"layer\.(\d+\.)?output\.dense\.kernel$", P("tensor", "fsdp")),  # per layer, or the scanned stack
     (r"pooler\.dense\.kernel$", P("fsdp")),
 ) + HEAD_RULES
