@@ -167,6 +167,55 @@ def test_dry_run_output_is_a_shell_command_that_runs_the_same_gcloud_call(gcloud
     assert gcloud.calls() == [from_printed]
 
 
+@pytest.mark.parametrize("script", USER_SCRIPTS)
+@pytest.mark.parametrize(("args", "named"), [
+    (["--no-such-flag=some value"], "--no-such-flag"),  # named without its value
+    (["-z"], "-z"),
+    (["stray word"], "stray word"),
+    (["--dry-run=1"], "1"),  # a flag without a value takes none: the value is an argument of its own
+])
+def test_every_script_names_the_unknown_argument_in_one_line(gcloud, script, args, named):
+    r = gcloud.run(script, *LOCATION, *args)
+    hint = "jaxsft arguments go after --; see --help" if script == "launch.sh" else "see --help"
+    assert r.returncode == 2 and r.stdout == "" and gcloud.calls() == []
+    assert r.stderr == f"tpu_scripts/{script}: error: unknown argument: {named} ({hint})\n"
+
+
+@pytest.mark.parametrize("script", USER_SCRIPTS)
+def test_every_script_parses_arguments_in_order(gcloud, script):
+    """--help wins only when it comes before a bad argument; a value flag refuses a flag as its value; a `--` is
+    an argument only where the script passes what follows it on (create.sh, launch.sh)."""
+    assert gcloud.run(script, "--help", "--no-such-flag").returncode == 0
+    assert gcloud.run(script, "--no-such-flag", "--help").returncode == 2
+    r = gcloud.run(script, "--zone", "--dry-run", "--name", "n")
+    assert r.returncode == 2 and r.stderr == f"tpu_scripts/{script}: error: --zone needs a value (see --help)\n"
+    if script not in ("create.sh", "launch.sh"):
+        assert "error: unknown argument: -- (see --help)" in gcloud.run(script, *LOCATION, "--").stderr
+    assert gcloud.calls() == []
+
+
+@pytest.mark.parametrize(("script", "args", "expected"), [
+    ("create.sh", ["--accelerator-type=v5litepod-16", "--queued", "--valid-until-duration=6 h"],
+     ["--node-id=my tpu", "--valid-until-duration=6 h"]),
+    ("setup.sh", ["--git=https://example.com/my repo.git"],
+     ["my tpu", "git clone --quiet 'https://example.com/my repo.git'"]),
+    ("launch.sh", ["--config=configs/my sft.py", "--workdir=gs://b/r", "--env=HF_HOME=/tmp/h f"],
+     ["my tpu", "env 'HF_HOME=/tmp/h f' bash tpu_scripts/relaunch_loop.sh", "--config 'configs/my sft.py'"]),
+    ("logs.sh", ["--log-dir=my logs"], ["my tpu", "\"$HOME\"/'my logs'/$h.log"]),
+    ("status.sh", ["--queued-resource-id=qr 1", "--no-workers"], ["my tpu", "qr 1"]),
+    ("stop.sh", ["--log-dir=-my logs"], ["my tpu", "LOG=\"$HOME\"/'-my logs'"]),
+    ("delete.sh", ["--queued-resource-id=-qr 1"], ["-qr 1"]),
+])
+def test_every_script_keeps_equals_form_values_with_spaces_and_leading_dashes_whole(gcloud, script, args, expected):
+    r = gcloud.run(script, "--name=my tpu", "--zone=us-west4-a", "--project=-p q", "--gcloud-flag=--a=b c", *args)
+    assert r.returncode == 0, r.stderr
+    calls = gcloud.calls()
+    assert calls and all({"--zone=us-west4-a", "--project=-p q", "--a=b c"} <= set(c) for c in calls), calls
+    words = [a for c in calls for a in c[4:]]
+    for e in expected:
+        assert any(e in a for a in words), (e, calls)
+
+
 def test_location_comes_from_environment_and_equals_form_flags(gcloud):
     r = gcloud.run("delete.sh", "--project=my-proj", "--gcloud-flag=--verbosity=error",
                    TPU_NAME="sft-v5e", TPU_ZONE="us-west4-a")

@@ -11,6 +11,7 @@ NAME=${TPU_NAME:-}
 ZONE=${TPU_ZONE:-}
 PROJECT=${TPU_PROJECT:-}
 GCLOUD_FLAGS=()
+UNKNOWN_HINT="see --help"  # the end of the unknown-argument error (parse_args)
 
 COMMON_HELP="Common options (NAME/ZONE/PROJECT default to \$TPU_NAME, \$TPU_ZONE, \$TPU_PROJECT):
   --name NAME            TPU VM name (the node id of a queued resource)
@@ -70,6 +71,25 @@ parse_common() {  # the shared flag at the front of "$@", if it is one: sets NSH
     -h | --help) usage; exit 0 ;;
     *) NSHIFT=0 ;;
   esac
+}
+
+parse_args() {  # handler "$@": parses the command line; a script calls it once with its own handler function
+  # Splits --flag=value (split_equals), then takes each argument in turn: a shared flag (parse_common), else the
+  # script's own, for which `handler "$@"` sees the arguments left and sets NSHIFT to how many it took (at a `--`
+  # that it accepts: all of them); NSHIFT left at 0 means not one of its options: unknown argument, exit 2.
+  # (NSHIFT, not the handler's exit status: `if handler` would turn off set -e inside the handler.)
+  local handler=$1
+  shift
+  split_equals "$@"
+  set -- ${ARGS[@]+"${ARGS[@]}"}
+  while [ $# -gt 0 ]; do
+    parse_common "$@"
+    if [ "$NSHIFT" = 0 ]; then
+      "$handler" "$@"
+      if [ "$NSHIFT" = 0 ]; then die "unknown argument: $1 ($UNKNOWN_HINT)"; fi
+    fi
+    shift "$NSHIFT"
+  done
 }
 
 require_location() {  # after parsing: NAME and ZONE are needed by every gcloud call; sets LOCATION

@@ -40,25 +40,21 @@ RESERVED=0
 VALID_UNTIL=""
 WAIT=0
 EXTRA=()
-split_equals "$@"
-set -- ${ARGS[@]+"${ARGS[@]}"}
-while [ $# -gt 0 ]; do
-  parse_common "$@"
-  if [ "$NSHIFT" -gt 0 ]; then shift "$NSHIFT"; continue; fi
+handle_arg() {  # this script's own options, for parse_args (common.sh): NSHIFT = the words taken
   case $1 in
-    --accelerator-type) need_value "$@"; ACCELERATOR_TYPE=$2; shift 2 ;;
-    --runtime-version | --version) need_value "$@"; RUNTIME_VERSION=$2; shift 2 ;;
-    --spot) SPOT=1; shift ;;
-    --preemptible) PREEMPTIBLE=1; shift ;;
-    --queued) QUEUED=1; shift ;;
-    --queued-resource-id) need_value "$@"; QUEUED_ID=$2; shift 2 ;;
-    --reserved) RESERVED=1; shift ;;
-    --valid-until-duration) need_value "$@"; VALID_UNTIL=$2; shift 2 ;;
-    --wait) WAIT=1; shift ;;
-    --) shift; EXTRA=("$@"); break ;;
-    *) die "unknown argument: $1 (see --help)" ;;
+    --accelerator-type) need_value "$@"; ACCELERATOR_TYPE=$2; NSHIFT=2 ;;
+    --runtime-version | --version) need_value "$@"; RUNTIME_VERSION=$2; NSHIFT=2 ;;
+    --spot) SPOT=1; NSHIFT=1 ;;
+    --preemptible) PREEMPTIBLE=1; NSHIFT=1 ;;
+    --queued) QUEUED=1; NSHIFT=1 ;;
+    --queued-resource-id) need_value "$@"; QUEUED_ID=$2; NSHIFT=2 ;;
+    --reserved) RESERVED=1; NSHIFT=1 ;;
+    --valid-until-duration) need_value "$@"; VALID_UNTIL=$2; NSHIFT=2 ;;
+    --wait) WAIT=1; NSHIFT=1 ;;
+    --) NSHIFT=$#; shift; EXTRA=("$@") ;;
   esac
-done
+}
+parse_args handle_arg "$@"
 
 require_location
 require "$ACCELERATOR_TYPE" --accelerator-type

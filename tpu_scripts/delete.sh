@@ -26,19 +26,15 @@ QUEUED=0
 QUEUED_ID=""
 YES=0
 ASYNC=0
-split_equals "$@"
-set -- ${ARGS[@]+"${ARGS[@]}"}
-while [ $# -gt 0 ]; do
-  parse_common "$@"
-  if [ "$NSHIFT" -gt 0 ]; then shift "$NSHIFT"; continue; fi
+handle_arg() {  # this script's own options, for parse_args (common.sh): NSHIFT = the words taken
   case $1 in
-    --queued) QUEUED=1; shift ;;
-    --queued-resource-id) need_value "$@"; QUEUED_ID=$2; QUEUED=1; shift 2 ;;
-    --yes | -y) YES=1; shift ;;
-    --async) ASYNC=1; shift ;;
-    *) die "unknown argument: $1 (see --help)" ;;
+    --queued) QUEUED=1; NSHIFT=1 ;;
+    --queued-resource-id) need_value "$@"; QUEUED_ID=$2; QUEUED=1; NSHIFT=2 ;;
+    --yes | -y) YES=1; NSHIFT=1 ;;
+    --async) ASYNC=1; NSHIFT=1 ;;
   esac
-done
+}
+parse_args handle_arg "$@"
 
 require_location
 

@@ -51,31 +51,28 @@ PYTHON=""
 LOG_DIR=jaxsft_logs
 FOLLOW=0
 JAXSFT_ARGS=()
-split_equals "$@"
-set -- ${ARGS[@]+"${ARGS[@]}"}
-while [ $# -gt 0 ]; do
-  parse_common "$@"
-  if [ "$NSHIFT" -gt 0 ]; then shift "$NSHIFT"; continue; fi
+UNKNOWN_HINT="jaxsft arguments go after --; see --help"
+handle_arg() {  # this script's own options, for parse_args (common.sh): NSHIFT = the words taken
   case $1 in
-    --config) need_value "$@"; CONFIG=$2; shift 2 ;;
-    --workdir) need_value "$@"; WORKDIR=$2; shift 2 ;;
-    --no-multihost) MULTIHOST=0; shift ;;
+    --config) need_value "$@"; CONFIG=$2; NSHIFT=2 ;;
+    --workdir) need_value "$@"; WORKDIR=$2; NSHIFT=2 ;;
+    --no-multihost) MULTIHOST=0; NSHIFT=1 ;;
     --env)
       need_value "$@"
       [[ $2 =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env needs KEY=VALUE, got '$2'"
-      ENVS+=("$2"); shift 2 ;;
-    --retries) need_value "$@"; need_int "$@"; RETRIES=$2; shift 2 ;;
-    --max-restarts) need_value "$@"; need_int "$@"; MAX_RESTARTS=$2; shift 2 ;;
-    --delay) need_value "$@"; need_int "$@"; DELAY=$2; shift 2 ;;
-    --remote-dir) need_value "$@"; REMOTE_DIR=$2; shift 2 ;;
-    --venv) need_value "$@"; VENV=$2; shift 2 ;;
-    --python) need_value "$@"; PYTHON=$2; shift 2 ;;
-    --log-dir) need_value "$@"; LOG_DIR=$2; shift 2 ;;
-    --follow) FOLLOW=1; shift ;;
-    --) shift; JAXSFT_ARGS=("$@"); break ;;
-    *) die "unknown argument: $1 (jaxsft arguments go after --; see --help)" ;;
+      ENVS+=("$2"); NSHIFT=2 ;;
+    --retries) need_value "$@"; need_int "$@"; RETRIES=$2; NSHIFT=2 ;;
+    --max-restarts) need_value "$@"; need_int "$@"; MAX_RESTARTS=$2; NSHIFT=2 ;;
+    --delay) need_value "$@"; need_int "$@"; DELAY=$2; NSHIFT=2 ;;
+    --remote-dir) need_value "$@"; REMOTE_DIR=$2; NSHIFT=2 ;;
+    --venv) need_value "$@"; VENV=$2; NSHIFT=2 ;;
+    --python) need_value "$@"; PYTHON=$2; NSHIFT=2 ;;
+    --log-dir) need_value "$@"; LOG_DIR=$2; NSHIFT=2 ;;
+    --follow) FOLLOW=1; NSHIFT=1 ;;
+    --) NSHIFT=$#; shift; JAXSFT_ARGS=("$@") ;;
   esac
-done
+}
+parse_args handle_arg "$@"
 
 require_location
 require "$CONFIG" --config

@@ -26,19 +26,15 @@ WORKER=0
 LINES=50
 FOLLOW=0
 LOG_DIR=jaxsft_logs
-split_equals "$@"
-set -- ${ARGS[@]+"${ARGS[@]}"}
-while [ $# -gt 0 ]; do
-  parse_common "$@"
-  if [ "$NSHIFT" -gt 0 ]; then shift "$NSHIFT"; continue; fi
+handle_arg() {  # this script's own options, for parse_args (common.sh): NSHIFT = the words taken
   case $1 in
-    --worker) need_value "$@"; WORKER=$2; shift 2 ;;
-    --lines | -n) need_value "$@"; need_int "$@"; LINES=$2; shift 2 ;;
-    --follow | -f) FOLLOW=1; shift ;;
-    --log-dir) need_value "$@"; LOG_DIR=$2; shift 2 ;;
-    *) die "unknown argument: $1 (see --help)" ;;
+    --worker) need_value "$@"; WORKER=$2; NSHIFT=2 ;;
+    --lines | -n) need_value "$@"; need_int "$@"; LINES=$2; NSHIFT=2 ;;
+    --follow | -f) FOLLOW=1; NSHIFT=1 ;;
+    --log-dir) need_value "$@"; LOG_DIR=$2; NSHIFT=2 ;;
   esac
-done
+}
+parse_args handle_arg "$@"
 
 require_location
 [[ $WORKER == all || $WORKER =~ ^[0-9]+$ ]] || die "--worker must be 'all' or a worker index, got '$WORKER'"

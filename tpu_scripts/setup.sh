@@ -38,24 +38,20 @@ PYTHON_VERSION=3.12
 NO_VENV=0
 EXTRAS=tpu
 WORKER=all
-split_equals "$@"
-set -- ${ARGS[@]+"${ARGS[@]}"}
-while [ $# -gt 0 ]; do
-  parse_common "$@"
-  if [ "$NSHIFT" -gt 0 ]; then shift "$NSHIFT"; continue; fi
+handle_arg() {  # this script's own options, for parse_args (common.sh): NSHIFT = the words taken
   case $1 in
-    --source) need_value "$@"; SOURCE=$2; shift 2 ;;
-    --git) need_value "$@"; GIT_URL=$2; shift 2 ;;
-    --git-ref) need_value "$@"; GIT_REF=$2; shift 2 ;;
-    --remote-dir) need_value "$@"; REMOTE_DIR=$2; shift 2 ;;
-    --venv) need_value "$@"; VENV=$2; shift 2 ;;
-    --python-version) need_value "$@"; PYTHON_VERSION=$2; shift 2 ;;
-    --no-venv) NO_VENV=1; shift ;;
-    --extras) need_value "$@"; EXTRAS=$2; shift 2 ;;
-    --worker) need_value "$@"; WORKER=$2; shift 2 ;;
-    *) die "unknown argument: $1 (see --help)" ;;
+    --source) need_value "$@"; SOURCE=$2; NSHIFT=2 ;;
+    --git) need_value "$@"; GIT_URL=$2; NSHIFT=2 ;;
+    --git-ref) need_value "$@"; GIT_REF=$2; NSHIFT=2 ;;
+    --remote-dir) need_value "$@"; REMOTE_DIR=$2; NSHIFT=2 ;;
+    --venv) need_value "$@"; VENV=$2; NSHIFT=2 ;;
+    --python-version) need_value "$@"; PYTHON_VERSION=$2; NSHIFT=2 ;;
+    --no-venv) NO_VENV=1; NSHIFT=1 ;;
+    --extras) need_value "$@"; EXTRAS=$2; NSHIFT=2 ;;
+    --worker) need_value "$@"; WORKER=$2; NSHIFT=2 ;;
   esac
-done
+}
+parse_args handle_arg "$@"
 
 require_location
 [[ $WORKER == all || $WORKER =~ ^[0-9]+$ ]] || die "--worker must be 'all' or a worker index, got '$WORKER'"

@@ -27,19 +27,15 @@ QUEUED=0
 QUEUED_ID=""
 WORKERS=1
 LOG_DIR=jaxsft_logs
-split_equals "$@"
-set -- ${ARGS[@]+"${ARGS[@]}"}
-while [ $# -gt 0 ]; do
-  parse_common "$@"
-  if [ "$NSHIFT" -gt 0 ]; then shift "$NSHIFT"; continue; fi
+handle_arg() {  # this script's own options, for parse_args (common.sh): NSHIFT = the words taken
   case $1 in
-    --queued) QUEUED=1; shift ;;
-    --queued-resource-id) need_value "$@"; QUEUED_ID=$2; QUEUED=1; shift 2 ;;
-    --no-workers) WORKERS=0; shift ;;
-    --log-dir) need_value "$@"; LOG_DIR=$2; shift 2 ;;
-    *) die "unknown argument: $1 (see --help)" ;;
+    --queued) QUEUED=1; NSHIFT=1 ;;
+    --queued-resource-id) need_value "$@"; QUEUED_ID=$2; QUEUED=1; NSHIFT=2 ;;
+    --no-workers) WORKERS=0; NSHIFT=1 ;;
+    --log-dir) need_value "$@"; LOG_DIR=$2; NSHIFT=2 ;;
   esac
-done
+}
+parse_args handle_arg "$@"
 
 require_location
 

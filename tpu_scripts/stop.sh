@@ -26,18 +26,14 @@ EOF
 WAIT=0
 TIMEOUT=900
 LOG_DIR=jaxsft_logs
-split_equals "$@"
-set -- ${ARGS[@]+"${ARGS[@]}"}
-while [ $# -gt 0 ]; do
-  parse_common "$@"
-  if [ "$NSHIFT" -gt 0 ]; then shift "$NSHIFT"; continue; fi
+handle_arg() {  # this script's own options, for parse_args (common.sh): NSHIFT = the words taken
   case $1 in
-    --wait) WAIT=1; shift ;;
-    --timeout) need_value "$@"; need_int "$@"; TIMEOUT=$2; shift 2 ;;
-    --log-dir) need_value "$@"; LOG_DIR=$2; shift 2 ;;
-    *) die "unknown argument: $1 (see --help)" ;;
+    --wait) WAIT=1; NSHIFT=1 ;;
+    --timeout) need_value "$@"; need_int "$@"; TIMEOUT=$2; NSHIFT=2 ;;
+    --log-dir) need_value "$@"; LOG_DIR=$2; NSHIFT=2 ;;
   esac
-done
+}
+parse_args handle_arg "$@"
 
 require_location
 
