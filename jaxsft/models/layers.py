@@ -61,8 +61,36 @@ def dropout(x, rate: float, rng):
     """Inverted dropout; a no-op when `rng` is None (evaluation) or the rate is 0."""
     if rng is None or rate <= 0.0:
         return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    return jnp.where(dropout_keep(rng, x.shape, rate), x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _mix32(h):
+    """lowbias32 (C. Wellons' hash-prospector): a bijective uint32 hash with near-ideal avalanche."""
+    h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)
+    h = (h ^ (h >> 15)) * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def dropout_keep(rng, shape: tuple, rate: float):
+    """Where dropout keeps a value (probability 1 - rate): a counter-based hash of (key, element index).
+
+    Not threefry (jax.random.bernoulli): its 20 rounds per pair of words cost about 15% of a BERT training step on
+    CPU and ~2 s of compile per batch shape (measured, MiniLM batch 32); two rounds of an integer hash over the
+    element's index, seeded by the site's key (sub_rng: distinct per step, layer and site), are enough for masks.
+    The index is built from per-axis iotas, so a sharded activation hashes its own slice and the mask does not depend
+    on the mesh. Arrays of 2**32 elements or more fall back to jax.random.bernoulli."""
+    size = math.prod(shape)
+    if size >= 2**32:
+        return jax.random.bernoulli(rng, 1.0 - rate, shape)
+    words = jax.random.key_data(rng).reshape(-1).astype(jnp.uint32)
+    index, stride = jnp.zeros(shape, jnp.uint32), 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    bits = index
+    for w in (words[0], words[-1]):  # threefry keys have 2 words, rbg 4
+        bits = _mix32(bits ^ w)
+    return bits >= jnp.uint32(min(round(rate * 2.0**32), 2**32 - 1))
 
 
 def sub_rng(rng, *ids: int):
