@@ -1,8 +1,12 @@
-"""Argument handling the CLIs share: config file + `--config.key=value` overrides, workdir, --verbose."""
+"""What the CLIs share: config file + `--config.key=value` overrides, workdir, --verbose, and --multihost (one job
+run by several processes: all of them do the work, process 0 alone writes files and prints results)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from jaxsft import config as config_lib
@@ -34,3 +38,86 @@ def config_from_args(argv: list[str], *, workdir_config: Path | None = None, bas
     for key, value in overrides:
         config_lib.apply_override(config, key, value)
     return config, rest
+
+
+MULTIHOST_HELP = ("one of several processes of one job (every host of a pod runs the same command): "
+                  "jax.distributed.initialize (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or "
+                  "detected on TPU pods / SLURM); all processes do the work, process 0 alone prints results and writes "
+                  "outputs (training: every process also writes its checkpoint shards)")
+
+
+_multihost = False  # start_multihost ran: this process is one of several
+
+
+def add_multihost(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--multihost", action="store_true", help=MULTIHOST_HELP)
+
+
+def start_multihost(enabled: bool) -> None:
+    """`--multihost`: join the job's other processes (parallel.initialize_distributed). From then on stdout carries
+    results alone: what libraries write to file descriptor 1 (gloo's connection lines) goes to stderr, and on
+    processes other than 0 everything does (they print no results)."""
+    global _multihost
+    if not enabled:
+        return
+    from jaxsft import parallel
+
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no usable stdout / stderr descriptors: leave them alone
+        saved = None
+    parallel.initialize_distributed()
+    _multihost = True
+    if saved is None:
+        return
+    if is_main():
+        sys.stdout = open(saved, "w", buffering=1, encoding=sys.stdout.encoding, errors=sys.stdout.errors)
+    else:
+        os.close(saved)
+
+
+def is_main() -> bool:
+    """True in the process that writes files and prints results: the only one, or process 0 of a multi-host job."""
+    if not _multihost:
+        return True
+    import jax
+
+    return jax.process_index() == 0
+
+
+def emit(line: str) -> None:
+    """Prints one result line on stdout, from process 0 only."""
+    if is_main():
+        print(line, flush=True)
+
+
+def all_done(what: str) -> None:
+    """With --multihost, every process waits here until all (process 0 writing the outputs included) are done: a
+    collective without a deadline, where leaving early would put the others in JAX's exit barrier, which gives up
+    after JAXSFT_SHUTDOWN_TIMEOUT_S (a large shard still being written)."""
+    if _multihost:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"jaxsft {what} done")
+
+
+def check_on_main(check: Callable[[], None]) -> None:
+    """Runs a bad-input check whose answer may differ between hosts (a host-local output folder only process 0
+    writes) on process 0 alone and raises its UserError in every process, so none goes on into a collective the
+    others have left. Every process must call it (a collective when there are several)."""
+    if not _multihost:
+        check()
+        return
+    from jaxsft import parallel
+
+    message = None
+    if is_main():
+        try:
+            check()
+        except UserError as e:
+            message = str(e)
+    message = parallel.broadcast_text(message)
+    if message is not None:
+        raise UserError(message)

@@ -144,7 +144,8 @@ def from_json_file(path: Path) -> ml_collections.ConfigDict:
 # its fields, label set, tokenizer, max_length, batch size, optimizer, seed, LoRA, dtype).
 RESUMABLE = ("max_steps", "num_epochs", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
              "keep_checkpoints", "checkpoint_metric", "checkpoint_mode", "eval_batch_size",
-             "gradient_accumulation_steps", "skip_nonfinite_updates", "data.buckets", "data.tfds_data_dir",
+             "gradient_accumulation_steps", "skip_nonfinite_updates", "data.buckets", "data.num_buckets",
+             "data.tfds_data_dir",
              "mesh.", "decode.", "model.remat", "chunked_loss_size", "precompile")
 
 

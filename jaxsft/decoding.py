@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsft import parallel
 from jaxsft.data.batching import default_buckets
 
 log = logging.getLogger("jaxsft")
@@ -116,7 +117,7 @@ def _batched(seqs: list[list[int]], batch_size: int, pad_id: int, length_for, *,
             cols = slice(p - len(toks), p) if left else slice(0, len(toks))
             ids[r, cols], mask[r, cols] = toks, 1
         mask[len(idx):, -1 if left else 0] = 1
-        out = np.asarray(jax.device_get(call(ids, mask, start)))
+        out = parallel.to_host(call(ids, mask, start))  # multi-process: gathered from every process
         for r, i in enumerate(idx):
             results[i] = out[r].tolist()
     return results

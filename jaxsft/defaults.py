@@ -27,7 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.text_fields = ["sentence"]  # one name, or two for sentence pairs
     c.data.label_field = "label"
     c.data.label_names = config_dict.placeholder(list)
-    c.data.buckets = config_dict.placeholder(list)  # padded lengths; None: powers of two up to max_length
+    c.data.buckets = config_dict.placeholder(list)  # padded lengths; None: chosen from the data (num_buckets)
+    c.data.num_buckets = 5  # data.buckets unset: this many padded lengths (multiples of 8) that pad the run's
+    # batches least (train: epoch 0's batches; eval: its length-sorted batches); 0: powers of two up to max_length
     c.data.group_by_length = True  # batch examples of similar length together (less padding)
     # causal_lm (SFT) data: the format is detected from the fields (text | prompt+completion |
     # instruction+input+output | messages) unless data.format names one.

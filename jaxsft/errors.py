@@ -24,6 +24,23 @@ class Stopped(Exception):
     """Training stopped at a step boundary on SIGTERM/SIGINT after writing a checkpoint: exit 75."""
 
 
+def _flush_native_output() -> None:
+    """Writes out what native libraries left in C stdio buffers (gloo's connection lines in a multi-host run), so
+    the CLI's own closing line comes after it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except Exception:  # noqa: BLE001 - no C runtime to reach (not POSIX): nothing to flush
+        pass
+
+
+def _say(line: str) -> None:
+    """The CLI's closing line on stderr, after anything native libraries still buffer."""
+    _flush_native_output()
+    print(line, file=sys.stderr, flush=True)
+
+
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
     """Runs a CLI main; bad input → one line on stderr and exit 2, other failures → one line and exit 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -36,23 +53,23 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     except UserError as e:
         if verbose:
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        _say(f"error: {e}")
         sys.exit(EXIT_BAD_INPUT)
     except Stopped as e:
-        print(str(e), file=sys.stderr, flush=True)
+        _say(str(e))
         sys.exit(EXIT_STOPPED)
     except RunFailed as e:
         if verbose:
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        _say(f"error: {e}")
         sys.exit(EXIT_FAILURE)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
+        _say("error: interrupted")
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - the CLI's last line must stay one readable line
         if verbose:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"error: {type(e).__name__}: {msg} (rerun with --verbose for the traceback)", file=sys.stderr, flush=True)
+        _say(f"error: {type(e).__name__}: {msg} (rerun with --verbose for the traceback)")
         sys.exit(EXIT_FAILURE)
     sys.exit(code or 0)

@@ -47,8 +47,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--workdir", help="a jaxsft run folder")
     p.add_argument("--model", help="an HF folder or hub id to evaluate instead of a workdir")
     p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
-    p.add_argument("--predictions", help="write one JSON line per example here")
+    p.add_argument("--predictions", help="write one JSON line per example here (with --multihost: process 0 does)")
     p.add_argument("--max_new_tokens", type=int, default=128, help="causal_lm predictions: greedy tokens per prompt")
+    cli.add_multihost(p)
     path, _, rest = split_config_args(argv)
     args = p.parse_args(rest)
     if bool(args.workdir) == bool(args.model):
@@ -57,6 +58,7 @@ def main(argv: list[str]) -> int:
         config, _ = cli.config_from_args(argv, workdir_config=fs.path(args.workdir) / "config.json")
     else:  # an HF folder: the config file if given, else the defaults; overrides on top
         config, _ = cli.config_from_args(argv, base=None if path else base_config())
+    cli.start_multihost(args.multihost)  # every process evaluates (the passes are collective); process 0 reports
 
     from jaxsft import parallel, pipeline
 
@@ -90,15 +92,18 @@ def main(argv: list[str]) -> int:
             result.update(task.generation_metrics(hyps, features, config))
     if args.predictions:
         if hyps is not None:  # one hypothesis per line, eval-set order (sacrebleu-ready)
-            Path(args.predictions).write_text("".join(line + "\n" for line in task.prediction_lines(hyps)))
-        else:
+            if cli.is_main():
+                Path(args.predictions).write_text("".join(line + "\n" for line in task.prediction_lines(hyps)))
+        else:  # causal_lm decodes on every process (collective); one writes
             rows = generated_rows(functional, params, features, config, tokenizer, args) \
                 if config.task == "causal_lm" else task.prediction_rows(outputs, features, config)
-            with open(args.predictions, "w") as f:
-                for row in rows:
-                    f.write(json.dumps(row) + "\n")
+            if cli.is_main():
+                with open(args.predictions, "w") as f:
+                    for row in rows:
+                        f.write(json.dumps(row) + "\n")
         log.info("wrote %d predictions to %s", len(features), args.predictions)
-    print(json.dumps(result), flush=True)
+    cli.all_done("evaluate")
+    cli.emit(json.dumps(result))
     return 0
 
 

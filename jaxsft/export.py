@@ -27,25 +27,31 @@ log = logging.getLogger("jaxsft")
 def main(argv: list[str]) -> int:
     p = cli.parser("jaxsft.export", __doc__)
     p.add_argument("--workdir", required=True)
-    p.add_argument("--output", required=True, help="folder to write (must not exist or be empty)")
+    p.add_argument("--output", required=True, help="folder to write (must not exist or be empty); with --multihost "
+                   "process 0 alone writes it")
     p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--adapters_only", action="store_true", help="LoRA runs: write the adapters in PEFT's format")
     p.add_argument("--max_shard_size", default="5GB", help="larger models are written as sharded safetensors "
                    "(model-0000i-of-0000N.safetensors + index), as transformers' save_pretrained does")
+    cli.add_multihost(p)
     args = p.parse_args(argv)
     out = Path(args.output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--output {out} exists and is not an empty folder; choose a new one")
     config, _ = cli.config_from_args([], workdir_config=fs.path(args.workdir) / "config.json")
+
+    from jaxsft import hf_io
+
+    hf_io.parse_size(args.max_shard_size)  # bad input fails before the checkpoint is read
+    cli.start_multihost(args.multihost)
+    cli.check_on_main(lambda: check_output(out))  # only process 0 writes: its folder is the one that counts
 
     import ml_dtypes
 
-    from jaxsft import hf_io, parallel, pipeline
+    from jaxsft import parallel, pipeline
     from jaxsft.models.registry import family_for
 
-    hf_io.parse_size(args.max_shard_size)  # bad input fails before the checkpoint is read
-    mesh = parallel.fitting_mesh(config.mesh)  # restored sharded, then fetched to this host tensor by tensor
+    writer = cli.is_main()
+    mesh = parallel.fitting_mesh(config.mesh)  # restored sharded, then fetched to the host tensor by tensor
     functional, template, hf_config, tokenizer = pipeline.workdir_model(args.workdir, config)
     params, step = pipeline.restore_params(args.workdir, config, template, mesh, args.checkpoint,
                                            functional.trainable)
@@ -55,21 +61,27 @@ def main(argv: list[str]) -> int:
         if not functional.lora_scales:
             raise UserError(f"--adapters_only: the run in {args.workdir} did not train LoRA adapters "
                             "(config.lora.rank is 0)")
-        out.mkdir(parents=True, exist_ok=True)
-        write_peft_adapters(params, functional, config, hf_config, out, dtype)
+        write_peft_adapters(params, functional, config, hf_config, out, dtype, write=writer)
+        cli.all_done("export")
         log.info("exported the LoRA adapters of step %d of %s to %s (PEFT format)", step, args.workdir, out)
         return 0
     if functional.lora_scales:
         params = lora.merge(params, functional.lora_scales)
-    out.mkdir(parents=True, exist_ok=True)
-    write_weights(params, out, dtype, args.max_shard_size)
-    hf_config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    gen = pipeline.workdir_hf(args.workdir) / "generation_config.json"
-    if gen.is_file():
-        shutil.copy(gen, out / "generation_config.json")
+    write_weights(params, out, dtype, args.max_shard_size)  # every process fetches, process 0 writes
+    if writer:
+        hf_config.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        gen = pipeline.workdir_hf(args.workdir) / "generation_config.json"
+        if gen.is_file():
+            shutil.copy(gen, out / "generation_config.json")
+    cli.all_done("export")
     log.info("exported step %d of %s to %s (%s)", step, args.workdir, out, hf_config.architectures[0])
     return 0
+
+
+def check_output(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--output {out} exists and is not an empty folder; choose a new one")
 
 
 def write_weights(params: dict, out: Path, dtype, max_shard_size: str | int = "5GB") -> list[str]:
@@ -91,8 +103,9 @@ def write_weights(params: dict, out: Path, dtype, max_shard_size: str | int = "5
                                            write=jax.process_index() == 0)
 
 
-def write_peft_adapters(params, functional, config, hf_config, out: Path, dtype) -> None:
-    """adapter_model.safetensors with PEFT's names (`base_model.model.<module>.lora_A.weight`) + adapter_config."""
+def write_peft_adapters(params, functional, config, hf_config, out: Path, dtype, write: bool = True) -> None:
+    """adapter_model.safetensors with PEFT's names (`base_model.model.<module>.lora_A.weight`) + adapter_config.
+    Every process of a multi-process export calls it (the tensors are gathered from all); only `write` writes."""
     from jaxsft import hf_io
     from jaxsft.models import to_hf_weights
 
@@ -100,6 +113,8 @@ def write_peft_adapters(params, functional, config, hf_config, out: Path, dtype)
     head = {} if config.task != "classification" else {
         k: v for k, v in params.items() if functional.trainable and functional.trainable(k) and not lora.is_adapter(k)}
     weights = {f"base_model.model.{k}": v for k, v in to_hf_weights({**adapters, **head}, dtype).items()}
+    if not write:
+        return
     hf_io.write_safetensors(weights, out, filename="adapter_model.safetensors")
     modules = sorted({m.rsplit(".", 1)[-1] for m in functional.lora_scales})
     conv1d = any(f"{m}.weight" in params for m in functional.lora_scales)  # GPT-2's Conv1D: (in, out) weights

@@ -88,6 +88,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--num_beams", type=int, help="seq2seq: beam search width (default: generation_config's)")
     p.add_argument("--template", action="store_true", help="wrap prompts as the training data was formatted")
+    cli.add_multihost(p)
     _, _, rest = split_config_args(argv)
     args = p.parse_args(rest)
     if bool(args.workdir) == bool(args.model):
@@ -97,6 +98,7 @@ def main(argv: list[str]) -> int:
     if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1 and args.top_k >= 0):
         raise UserError("sampling needs --temperature > 0, 0 < --top_p <= 1 and --top_k >= 0")
     prompts = read_prompts(args)
+    cli.start_multihost(args.multihost)  # every process decodes every prompt (collective); process 0 prints
 
     from jaxsft import decoding
     from jaxsft.models import compute_dtype
@@ -116,7 +118,7 @@ def main(argv: list[str]) -> int:
     for text, toks in zip(prompts, outs):
         completion = tokenizer.decode(decoding.cut_at_eos(toks, eos),
                                       skip_special_tokens=True)
-        print(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False), flush=True)
+        cli.emit(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False))
     return 0
 
 
@@ -138,7 +140,7 @@ def translate(args, prompts, config, functional, params, tokenizer, folder) -> i
     for text, toks in zip(prompts, outs):
         completion = tokenizer.decode(decoding.cut_at_eos(toks, set(settings.eos_token_ids)),
                                       skip_special_tokens=True)
-        print(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False), flush=True)
+        cli.emit(json.dumps({"prompt": text, "completion": completion}, ensure_ascii=False))
     return 0
 
 

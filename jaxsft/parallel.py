@@ -194,8 +194,51 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
 
 
+def local_rows(mesh: Mesh, batch_size: int) -> slice:
+    """The rows of a global batch of `batch_size` rows that this process's devices hold (split over (data, fsdp)):
+    one contiguous range on the meshes make_mesh builds (the span of them, should a mesh interleave processes)."""
+    spans = [idx[0].indices(batch_size)[:2] for idx in
+             batch_sharding(mesh).addressable_devices_indices_map((batch_size,)).values()]
+    return slice(min(a for a, _ in spans), max(b for _, b in spans))
+
+
+class GlobalBatches:
+    """Index batches → global batch arrays. Each process collates only the rows its own devices hold
+    (`collate(indices, rows=...)`: the shape comes from all the batch's indices, the arrays only from those rows)
+    and hands them over as its part of the global arrays; no process builds the whole batch."""
+
+    def __init__(self, collate, batch_size: int, mesh: Mesh):
+        self.collate, self.batch_size, self.mesh = collate, batch_size, mesh
+        self.rows = local_rows(mesh, batch_size)
+        self.sharding = batch_sharding(mesh)
+
+    def local(self, indices) -> dict[str, np.ndarray]:
+        return self.collate(indices, rows=self.rows)
+
+    def shapes(self, indices) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batch's shapes and dtypes (for compiling ahead; nothing goes to a device)."""
+        return {k: jax.ShapeDtypeStruct((self.batch_size,) + v.shape[1:], v.dtype)
+                for k, v in self.local(indices).items()}
+
+    def __call__(self, indices) -> dict[str, jax.Array]:
+        local, start = self.local(indices), self.rows.start
+        if jax.process_count() == 1 and self.rows == slice(0, self.batch_size):
+            return jax.device_put(local, self.sharding)
+
+        def one(v):
+            def piece(index):
+                a, b, _ = index[0].indices(self.batch_size)
+                return v[(slice(a - start, b - start), *index[1:])]
+
+            return jax.make_array_from_callback((self.batch_size,) + v.shape[1:], self.sharding, piece)
+
+        return {k: one(v) for k, v in local.items()}
+
+
 def to_host(x) -> np.ndarray:
-    if jax.process_count() > 1:
+    """A global array's value on this host (gathered from every process in a multi-process run, so all of them
+    must call it); local arrays as they are."""
+    if jax.process_count() > 1 and isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -237,3 +280,20 @@ def initialize_distributed() -> None:
         logging.getLogger("jaxsft").setLevel(logging.WARNING)
     log.info("multi-host: process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
+
+
+def broadcast_text(text: str | None, limit: int = 4096) -> str | None:
+    """Process 0's `text` (or None) on every process (a collective: all of them must call it); at most `limit`
+    UTF-8 bytes of it travel."""
+    if jax.process_count() == 1:
+        return text
+    from jax.experimental import multihost_utils
+
+    buf = np.zeros(limit + 1, np.uint8)  # [0]: 1 when there is a text; then its bytes, 0-padded
+    if text is not None:
+        data = text.encode()[:limit]
+        buf[0], buf[1:1 + len(data)] = 1, np.frombuffer(data, np.uint8)
+    got = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    if not got[0]:
+        return None
+    return got[1:].tobytes().rstrip(b"\0").decode(errors="replace")

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from jaxsft import fs, parallel
-from jaxsft.data.batching import BatchPlan, default_buckets
+from jaxsft.data.batching import BatchPlan, choose_buckets, default_buckets
 from jaxsft.errors import UserError
 
 log = logging.getLogger("jaxsft")
@@ -81,12 +81,19 @@ def load_tokenizer(folder: Path, source: str):
     return tok
 
 
-def buckets(config) -> list[int]:
+def buckets(config, batch_lengths=None) -> list[int]:
+    """Padded lengths: `data.buckets` when set (max_length added); else, given each batch's longest row, the
+    `data.num_buckets` lengths that pad these batches least (batching.choose_buckets); else (num_buckets 0, no
+    batches given, or packed causal_lm rows) powers of two up to max_length."""
     if config.data.buckets:
         b = sorted(int(x) for x in config.data.buckets)
         if b[-1] < config.max_length:
             b.append(config.max_length)
         return b
+    count = config.data.get("num_buckets", 0)  # .get: workdirs from before the key
+    packed = config.task == "causal_lm" and config.data.packing  # rows filled to max_length: one shape
+    if count and batch_lengths is not None and not packed:
+        return choose_buckets(batch_lengths, count, config.max_length)
     return default_buckets(config.max_length)
 
 
@@ -110,10 +117,13 @@ def make_eval_step(functional, task, mesh, param_shardings=None):
 
 
 def eval_batches(features, config, mesh, task, pad_id: int):
-    """(index batches, collate) of an eval pass: length-sorted, fixed-shape batches."""
+    """(index batches, parallel.GlobalBatches making their arrays) of an eval pass: length-sorted, fixed-shape
+    batches."""
     bs = eval_batch_size(config, mesh)
-    plan = BatchPlan(features.lengths, bs, seed=0, shuffle=False, group_by_length=True)
-    return plan.epoch(0), partial(task.collate, features, batch_size=bs, buckets=buckets(config), pad_id=pad_id)
+    batches = BatchPlan(features.lengths, bs, seed=0, shuffle=False, group_by_length=True).epoch(0)
+    chosen = buckets(config, [features.lengths[b].max() for b in batches])
+    return batches, parallel.GlobalBatches(partial(task.collate, features, batch_size=bs, buckets=chosen,
+                                                   pad_id=pad_id), bs, mesh)
 
 
 def predict(eval_step, params, features, config, mesh, task, pad_id: int) -> np.ndarray:
@@ -121,13 +131,13 @@ def predict(eval_step, params, features, config, mesh, task, pad_id: int) -> np.
     first call compiles every batch shape of the pass up front, in parallel (jaxsft.precompile)."""
     from jaxsft import precompile
 
-    batches, collate = eval_batches(features, config, mesh, task, pad_id)
+    batches, make = eval_batches(features, config, mesh, task, pad_id)
     if not eval_step.planned:
-        precompile.compile_all(eval_step.jobs((params, None), collate, batches, mesh), "eval ")
+        precompile.compile_all(eval_step.jobs((params, None), make.shapes, batches, mesh), "eval ")
         eval_step.planned = True
     out = None
     for idx in batches:
-        logits = parallel.to_host(eval_step(params, parallel.to_global(collate(idx), mesh)))
+        logits = parallel.to_host(eval_step(params, make(idx)))
         if out is None:
             out = np.zeros((len(features),) + logits.shape[1:], dtype=np.float32)
         out[idx] = logits[:len(idx)]
@@ -217,7 +227,8 @@ def workdir_hf(workdir) -> Path:
 
 
 def workdir_model(workdir: Path, config):
-    """(Functional, flat param template, hf_config, tokenizer) rebuilt from W/hf and W/config.json alone."""
+    """(Functional, flat param template (shapes and dtypes), hf_config, tokenizer) rebuilt from W/hf and
+    W/config.json alone."""
     from flax import nnx
 
     from jaxsft.models import Functional, flatten_state
@@ -225,10 +236,16 @@ def workdir_model(workdir: Path, config):
     hf_dir = workdir_hf(workdir)
     hf_config = load_hf_config(hf_dir, "--workdir")
     tokenizer = load_tokenizer(hf_dir, "--workdir")
-    model, trainable = build(hf_config, config)
+    built = {}
+
+    def make():
+        model, built["trainable"] = build(hf_config, config)
+        return model
+
+    model = nnx.eval_shape(make)  # shapes only: the checkpoint supplies every value
     template = flatten_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     functional = Functional(model)
-    functional.trainable = trainable
+    functional.trainable = built["trainable"]
     return functional, template, hf_config, tokenizer
 
 

@@ -25,8 +25,9 @@ def signature(batch: dict) -> tuple:
 
 
 def distinct_batches(collate, batches, limit_s: float = 5.0) -> list[dict]:
-    """One collated batch per distinct shape signature among `batches` (looking for at most `limit_s` seconds;
-    shapes found later compile lazily when the loop meets them)."""
+    """One batch per distinct shape signature among `batches`: `collate(indices)` gives its arrays, or only their
+    shapes and dtypes (GlobalBatches.shapes). Looks for at most `limit_s` seconds; shapes found later compile
+    lazily when the loop meets them."""
     seen: dict[tuple, dict] = {}
     t0 = time.perf_counter()
     for idx in batches:

@@ -16,26 +16,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--force", action="store_true", help="resume even though the config changes keys that define "
                    "the run (model, data, labels, max_length, optimizer, seed, LoRA ...); without it such a rerun is "
                    "refused, listing the changes")
-    p.add_argument("--multihost", action="store_true", help="one of several processes of one run: "
-                   "jax.distributed.initialize (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or "
-                   "detected on TPU pods / SLURM)")
+    cli.add_multihost(p)
     args = p.parse_args(rest)
-    if args.multihost:
-        from jaxsft import parallel
-
-        parallel.initialize_distributed()
+    cli.start_multihost(args.multihost)
     from jaxsft.train import train_and_evaluate  # heavy imports after the arguments are known to be good
 
     final = train_and_evaluate(config, args.workdir, force=args.force)
-    if not args.multihost or _process_index() == 0:
-        print(json.dumps(final), flush=True)
+    cli.emit(json.dumps(final))
     return 0
-
-
-def _process_index() -> int:
-    import jax
-
-    return jax.process_index()
 
 
 if __name__ == "__main__":

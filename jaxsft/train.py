@@ -392,9 +392,9 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
             log.info("data.%s: %d duplicate examples (kept)", what, f.num_duplicates)
 
     # --- schedule, optimizer, steps ---
-    bucket_list = pipeline.buckets(config)
     plan = BatchPlan(train.lengths, config.batch_size, seed=config.seed, shuffle=True,
                      group_by_length=config.data.group_by_length)
+    bucket_list = pipeline.buckets(config, [train.lengths[b].max() for b in plan.epoch(0)])  # same on resume
     total = config.max_steps if config.max_steps > 0 else config.num_epochs * plan.num_batches
     tx, lr_fn = optim.make_optimizer(config, total)
     train_params, frozen = pipeline.split_trainable(params, trainable)
@@ -411,7 +411,11 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
     train_step = make_train_step(functional, task, tx, config, mesh, shardings)
     eval_step = pipeline.make_eval_step(functional, task, mesh, {**shardings.get("frozen", {}), **shardings["params"]})
     pad_id = tokenizer.pad_token_id
-    collate = partial(task.collate, train, batch_size=config.batch_size, buckets=bucket_list, pad_id=pad_id)
+    make_batch = parallel.GlobalBatches(partial(task.collate, train, batch_size=config.batch_size,
+                                                buckets=bucket_list, pad_id=pad_id), config.batch_size, mesh)
+    if jax.process_count() > 1:
+        log.warning("process %d builds rows %d:%d of each global batch of %d", jax.process_index(),
+                    make_batch.rows.start, make_batch.rows.stop, config.batch_size)
 
     ckpts = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints, metric=config.checkpoint_metric,
                         mode=config.checkpoint_mode)
@@ -437,10 +441,10 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
         while len(upcoming) < total - step and e <= epoch + 1:  # shapes repeat across epochs
             upcoming += plan.epoch(e)[b:]
             e, b = e + 1, 0
-        jobs = train_step.jobs((state, None, np.int32(step)), collate, upcoming[:total - step], mesh)
+        jobs = train_step.jobs((state, None, np.int32(step)), make_batch.shapes, upcoming[:total - step], mesh)
         if evals is not None:
-            eval_batches, eval_collate = pipeline.eval_batches(evals, config, mesh, task, pad_id)
-            jobs += eval_step.jobs(({**state.get("frozen", {}), **state["params"]}, None), eval_collate,
+            eval_batches, make_eval = pipeline.eval_batches(evals, config, mesh, task, pad_id)
+            jobs += eval_step.jobs(({**state.get("frozen", {}), **state["params"]}, None), make_eval.shapes,
                                    eval_batches, mesh)
             eval_step.planned = True
         precompile.compile_all(jobs)
@@ -483,7 +487,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
             if step >= total:
                 break
             idx = batches[bi]
-            state, out = train_step(state, parallel.to_global(collate(idx), mesh), np.int32(step))
+            state, out = train_step(state, make_batch(idx), np.int32(step))
             step += 1
             ex_log += len(idx)
             tok_log += int(train.lengths[idx].sum())

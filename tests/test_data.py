@@ -11,7 +11,8 @@ import pytest
 from conftest import write_tsv
 
 from jaxsft import config as config_lib
-from jaxsft.data.batching import BatchPlan, bucket_for, default_buckets
+from jaxsft import pipeline
+from jaxsft.data.batching import BatchPlan, bucket_for, choose_buckets, default_buckets
 from jaxsft.data.sources import load_source
 from jaxsft.defaults import base_config
 from jaxsft.errors import UserError
@@ -92,6 +93,36 @@ def test_buckets_are_powers_of_two_up_to_max_length():
     assert default_buckets(128) == [16, 32, 64, 128]
     assert default_buckets(100) == [16, 32, 64, 100]
     assert bucket_for(17, [16, 32]) == 32 and bucket_for(5, [16, 32]) == 16
+
+
+def test_chosen_buckets_pad_least_of_all_bucket_sets_of_that_size():
+    """choose_buckets against brute force: no other set of at most k multiples of 8 (covering the longest batch)
+    pads these batches less; and the run's buckets come from it unless data.buckets is set."""
+    import itertools
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        longest = rng.integers(1, 130, rng.integers(1, 30))
+        k, max_length = int(rng.integers(1, 6)), int(rng.choice([64, 100, 128]))
+        got = choose_buckets(longest, k, max_length)
+        rounded = np.minimum(-(-longest // 8) * 8, max_length)
+        values = sorted(set(rounded.tolist()))
+
+        def padded(b, longest=longest):
+            return sum(bucket_for(int(n), b) for n in longest)
+
+        best = min(padded(list(c)) for n in range(1, k + 1) for c in itertools.combinations(values, n)
+                   if c[-1] == values[-1])
+        assert len(got) <= k and all(b % 8 == 0 or b == max_length for b in got)
+        assert got[-1] >= min(longest.max(), max_length)
+        assert padded(got) == best, (longest, k, got)
+    c = base_config()
+    c.max_length = 64
+    assert pipeline.buckets(c, [9, 9, 20, 33, 40]) == choose_buckets([9, 9, 20, 33, 40], c.data.num_buckets, 64)
+    c.data.buckets = [24]
+    assert pipeline.buckets(c, [9, 9, 20, 33, 40]) == [24, 64]
+    c.data.buckets, c.data.num_buckets = None, 0
+    assert pipeline.buckets(c, [9, 40]) == default_buckets(64)
 
 
 def test_batch_order_is_a_function_of_seed_and_epoch_and_covers_every_example():

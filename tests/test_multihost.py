@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,11 +38,14 @@ def run_args(model, data, workdir, *extra) -> list[str]:
             "--config.learning_rate=1e-3", "--config.log_every_steps=1", "--config.warmup_steps=0", *extra]
 
 
-def start_processes(args: list[str], logs, n: int = 2, devices: int = 2, **env) -> list[subprocess.Popen]:
-    """n processes of one run; process i writes logs/i.out and logs/i.err (files: a full pipe would stall it)."""
+def start_processes(args, logs, n: int = 2, devices: int = 2, module: str = "jaxsft.run",
+                    **env) -> list[subprocess.Popen]:
+    """n processes of one `python -m MODULE --multihost` job (`args`: a list, or i → process i's list); process i
+    writes logs/i.out and logs/i.err (files: a full pipe would stall it)."""
     port = free_port()
     logs.mkdir(parents=True, exist_ok=True)
-    return [subprocess.Popen([sys.executable, "-m", "jaxsft.run", "--multihost", *args], cwd=ROOT,
+    argv = args if callable(args) else lambda i: args
+    return [subprocess.Popen([sys.executable, "-m", module, "--multihost", *map(str, argv(i))], cwd=ROOT,
                              env=env_for(devices, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                                          JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i), **env),
                              stdout=open(logs / f"{i}.out", "w"), stderr=open(logs / f"{i}.err", "w"))
@@ -93,6 +97,10 @@ def test_two_processes_train_like_one_and_the_checkpoint_restores_on_another_mes
     printed = [[json.loads(line) for line in out.splitlines() if line.startswith("{")] for _, out, _ in results]
     assert len(printed[0]) == 1 and not printed[1]  # only process 0 prints the result (gloo prints its own lines)
     final = printed[0][0]
+    # Each process collates only the rows of the global batch (16) that its own devices hold.
+    rows = [re.findall(r"process (\d) builds rows (\d+):(\d+) of each global batch of (\d+)", err)
+            for _, _, err in results]
+    assert rows == [[("0", "0", "8", "16")], [("1", "8", "16", "16")]], rows
     env = json.loads((multi / "environment.json").read_text())
     assert env["process_count"] == 2 and len(env["devices"]) == 4
     multi_losses = losses(multi)

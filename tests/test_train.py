@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT, synthetic_rows, write_tsv
 
 from jaxsft import config as config_lib
+from jaxsft import pipeline
 from jaxsft import train as train_lib
 from jaxsft.data.batching import BatchPlan, bucket_for, default_buckets
 
@@ -78,8 +79,10 @@ def test_an_epoch_of_mixed_lengths_compiles_once_per_bucket_used(tiny_bert, data
     tok = AutoTokenizer.from_pretrained(tiny_bert)
     lengths = np.asarray([len(x) for x in tok([r.split("\t")[0] for r in data[0].read_text().splitlines()[1:]],
                                               truncation=True, max_length=64)["input_ids"]])
-    plan = BatchPlan(lengths, 8, seed=config.seed, shuffle=True)
-    used = {bucket_for(int(lengths[b].max()), default_buckets(64)) for b in plan.epoch(0)}
+    longest = [int(lengths[b].max()) for b in BatchPlan(lengths, 8, seed=config.seed, shuffle=True).epoch(0)]
+    chosen = pipeline.buckets(config, longest)  # data.num_buckets lengths chosen from these batches
+    assert len(chosen) <= config.data.num_buckets and chosen != default_buckets(64)
+    used = {bucket_for(n, chosen) for n in longest}
     assert len(used) >= 2  # the data really mixes lengths
     assert 1 <= final["train_step_compilations"] <= len(used)
 

@@ -158,14 +158,26 @@ def trainable_predicate(model: nnx.Module, task: str):
 
 
 def merge(params: dict, scales: dict[str, float]) -> dict:
-    """Folds adapters into the base weights: W += A @ B * scale; drops the adapter params (for export)."""
+    """Folds adapters into the base weights: W += A @ B * scale; drops the adapter params (for export). Arrays
+    spread over several processes are merged where they lie (W keeps its sharding, nothing is gathered; every
+    process must call it then), the rest on this host."""
     out = {k: v for k, v in params.items() if not is_adapter(k)}
     for module, scale in scales.items():
-        a = np.asarray(jax.device_get(params[f"{module}.lora_A.kernel"]), np.float32)
-        b = np.asarray(jax.device_get(params[f"{module}.lora_B.kernel"]), np.float32)
+        a, b = params[f"{module}.lora_A.kernel"], params[f"{module}.lora_B.kernel"]
         key = f"{module}.kernel" if f"{module}.kernel" in out else f"{module}.weight"
-        out[key] = np.asarray(jax.device_get(out[key]), np.float32) + (a @ b) * scale
+        w = out[key]
+        if isinstance(w, jax.Array) and not w.is_fully_addressable:
+            out[key] = jax.device_put(_merge_on_devices(w, a, b, np.float32(scale)), w.sharding)
+            continue
+        a, b = (np.asarray(jax.device_get(x), np.float32) for x in (a, b))
+        out[key] = np.asarray(jax.device_get(w), np.float32) + (a @ b) * scale
     return out
+
+
+@jax.jit
+def _merge_on_devices(w, a, b, scale):
+    f32 = jnp.float32
+    return w.astype(f32) + (a.astype(f32) @ b.astype(f32)) * scale
 
 
 def adapter_scales(model: nnx.Module) -> dict[str, float]:

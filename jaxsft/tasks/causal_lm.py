@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsft.data import batching
-from jaxsft.data.batching import BatchPlan, bucket_for, pad_rows
+from jaxsft.data.batching import BatchPlan, bucket_for, local_part, pad_rows
 from jaxsft.data.packing import next_token_targets, pack, segment_layout
 from jaxsft.data.sources import require_columns
 from jaxsft.errors import UserError
@@ -343,20 +343,23 @@ def padding_share(features: Features, batch_size: int, buckets: list[int], *, gr
 
 # --- batches, loss, metrics ------------------------------------------------------------------------------------
 
-def collate(features: Features, indices: np.ndarray, batch_size: int, buckets: list[int], pad_id: int) -> dict:
-    """One fixed-shape numpy batch of rows; rows past len(indices) are padding (segment 0, loss mask 0).
+def collate(features: Features, indices: np.ndarray, batch_size: int, buckets: list[int], pad_id: int,
+            rows: slice | None = None) -> dict:
+    """One fixed-shape numpy batch of rows; rows past len(indices) are padding (segment 0, loss mask 0). `rows`:
+    only those rows of it (a process's share; the length still comes from the whole batch).
 
     `weights` (B,) is the number of loss tokens per row, so a loop summing it gets the token count it divides by.
     """
     length = bucket_for(int(features.lengths[indices].max()), buckets)
+    indices, batch_size = local_part(indices, batch_size, rows)
 
-    def rows(xs, pad):
+    def padded(xs, pad):
         return pad_rows([xs[i] for i in indices], length, pad, batch_size)
 
-    ids, seg = rows(features.input_ids, pad_id), rows(features.segment_ids, 0)
-    targets, loss_mask = next_token_targets(ids, seg, rows(features.loss_tokens, 0))
+    ids, seg = padded(features.input_ids, pad_id), padded(features.segment_ids, 0)
+    targets, loss_mask = next_token_targets(ids, seg, padded(features.loss_tokens, 0))
     return {"input_ids": ids, "attention_mask": (seg > 0).astype(np.int32), "segment_ids": seg,
-            "positions": rows(features.positions, 0), "targets": targets, "loss_mask": loss_mask,
+            "positions": padded(features.positions, 0), "targets": targets, "loss_mask": loss_mask,
             "weights": loss_mask.sum(axis=1)}
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 from jaxsft import metrics as metrics_lib
-from jaxsft.data.batching import bucket_for, pad_rows
+from jaxsft.data.batching import bucket_for, local_part, pad_rows
 from jaxsft.data.sources import require_columns
 from jaxsft.errors import UserError
 
@@ -135,9 +135,12 @@ def _hashable(v):
     return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
 
 
-def collate(features: Features, indices: np.ndarray, batch_size: int, buckets: list[int], pad_id: int) -> dict:
-    """One fixed-shape numpy batch; rows past len(indices) are padding with weight 0."""
+def collate(features: Features, indices: np.ndarray, batch_size: int, buckets: list[int], pad_id: int,
+            rows: slice | None = None) -> dict:
+    """One fixed-shape numpy batch; rows past len(indices) are padding with weight 0. `rows`: only those rows of
+    it (a process's share; the length still comes from the whole batch)."""
     length = bucket_for(int(features.lengths[indices].max()), buckets)
+    indices, batch_size = local_part(indices, batch_size, rows)
     ids = pad_rows([features.input_ids[i] for i in indices], length, pad_id, batch_size)
     types = pad_rows([features.token_type_ids[i] for i in indices], length, 0, batch_size)
     mask = np.zeros((batch_size, length), dtype=np.int32)

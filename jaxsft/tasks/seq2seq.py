@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsft.data.batching import bucket_for, default_buckets, pad_rows
+from jaxsft.data.batching import bucket_for, default_buckets, local_part, pad_rows
 from jaxsft.data.sources import require_columns
 from jaxsft.tasks.causal_lm import _token_nll as token_nll
 
@@ -115,14 +115,17 @@ def featurize(ds, tokenizer, config, key: str, spec: str, *, need_labels: bool =
 
 # --- batches, loss, metrics ------------------------------------------------------------------------------------
 
-def collate(features: Features, indices: np.ndarray, batch_size: int, buckets: list[int], pad_id: int) -> dict:
-    """One fixed-shape numpy batch; rows past len(indices) are padding (all masks 0).
+def collate(features: Features, indices: np.ndarray, batch_size: int, buckets: list[int], pad_id: int,
+            rows: slice | None = None) -> dict:
+    """One fixed-shape numpy batch; rows past len(indices) are padding (all masks 0). `rows`: only those rows of
+    it (a process's share; the lengths still come from the whole batch).
 
     Target side: `labels` (pad 0) and `loss_mask` (1 on every target token, EOS included); `decoder_input_ids` are
     the labels shifted right behind the decoder start token (pad_id after). `weights` (B,) counts loss tokens.
     """
     src_len = bucket_for(int(features.lengths[indices].max()), buckets)
     tgt_len = bucket_for(int(features.target_lengths[indices].max()), features.target_buckets)
+    indices, batch_size = local_part(indices, batch_size, rows)
     n = len(indices)
     ids = pad_rows([features.input_ids[i] for i in indices], src_len, pad_id, batch_size)
     mask = (np.arange(src_len)[None] < np.minimum(features.lengths[indices], src_len)[:, None]).astype(np.int32)
