@@ -270,17 +270,35 @@ def _write_workdir_files(workdir: Path, config, hf_config, tokenizer, folder: Pa
 
 class _StopSignals:
     """SIGTERM/SIGINT set a flag the loop checks at step boundaries; a second one exits at once with code 1
-    (Orbax commits a checkpoint by renaming a finished temp folder, so the newest complete one stays intact)."""
+    (Orbax commits a checkpoint by renaming a finished temp folder, so the newest complete one stays intact).
+
+    In a multi-process run SIGTERM is left to JAX's preemption service (jax.distributed.initialize installs it):
+    a notice on any host reaches all of them, and `multihost_utils.reached_preemption_sync_point` makes every
+    process stop at the same step (`synced_stop`), so they save one checkpoint together; a process stopping alone
+    would leave the others waiting in a collective. SIGINT keeps its default there (it ends that process; the
+    others fail with an error rather than hang)."""
 
     def __init__(self):
         self.name: str | None = None
         self._previous: dict = {}
+        self.multihost = jax.process_count() > 1
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+        if threading.current_thread() is threading.main_thread() and not self.multihost:  # main thread only
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def synced_stop(self, step: int) -> bool:
+        """Multi-process: whether every process has reached the step a preemption notice (SIGTERM on any host)
+        chose to stop at; call once per step, on every process. One process: whether a signal came."""
+        if self.multihost and self.name is None:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.name = "SIGTERM"
+                log.warning("preemption notice: every process stops after step %d with a checkpoint", step)
+        return self.name is not None
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -356,10 +374,17 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
     if hasattr(task, "set_label_config"):
         task.set_label_config(hf_config, config)
     if config.model.from_scratch:  # the architecture only: fresh random weights (HF initialisation ranges)
-        from jaxsft.models import flatten_state
+        from jaxsft.models import init_sharded
 
-        model, trainable = pipeline.build(hf_config, config, with_lora=False)
-        params = flatten_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        built = {}
+
+        def make():
+            model, built["trainable"] = pipeline.build(hf_config, config, with_lora=False)
+            return model
+
+        # each param initialised on its devices, in its sharding (model: shapes only)
+        model, params = init_sharded(make, mesh, parallel.rules_for(hf_config))
+        trainable = built["trainable"]
         log.info("model.from_scratch: %s with %d fresh random parameters", type(model).__name__,
                  sum(v.size for v in params.values()))
     else:  # straight into the shardings: each process reads only its devices' slices (model: shapes only)
@@ -510,7 +535,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
                 or step == total
             ckpt_due = (ckpt_every > 0 and step % ckpt_every == 0) or (ckpt_every <= 0 and eval_due) \
                 or step == total
-            stopping = stop.name is not None and step < total
+            stopping = stop.synced_stop(step) and step < total
             if (ckpt_due or stopping) and pending:  # checked, and the unlogged loss saved with the checkpoint
                 loss_sum, count, n_skipped, _ = _drain(pending, ckpts, skip)
                 acc_loss, acc_count, skipped, pending = acc_loss + loss_sum, acc_count + count, skipped + n_skipped, []

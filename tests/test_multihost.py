@@ -159,3 +159,37 @@ def test_a_killed_process_makes_the_other_exit_instead_of_hanging(tiny_bert, dat
     assert procs[0].returncode != 0
     assert elapsed < 60, elapsed
     assert "another task died" in err or "heartbeat" in err, err[-2000:]
+
+
+def test_sigterm_on_one_host_stops_every_process_at_the_same_step_and_the_rerun_resumes(tiny_bert, data, tmp_path):
+    """A preemption notice reaches one host: every process saves the same checkpoint, exits 75 with one line, and
+    rerunning the same launch resumes to the end (JAX's preemption sync decides the step)."""
+    w = tmp_path / "w"
+    steps = 300
+    args = run_args(tiny_bert, data, w, f"--config.max_steps={steps}", f"--config.eval_every_steps={steps}",
+                    f"--config.checkpoint_every_steps={steps}")
+    procs = start_processes(args, tmp_path / "logs")
+    try:
+        deadline = time.time() + 400
+        while not (w / "metrics.jsonl").is_file() or '"loss"' not in (w / "metrics.jsonl").read_text():
+            assert time.time() < deadline, "training did not start"
+            assert all(p.poll() is None for p in procs), (tmp_path / "logs" / "0.err").read_text()[-3000:]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)  # only the second host gets the notice
+    finally:
+        results = finish(procs, tmp_path / "logs", timeout=120)
+    stopped = re.compile(r"stopped at step (\d+) on SIGTERM; checkpoint saved in (\S+) — rerun the same command to "
+                         r"resume")
+    lines = [err.strip().splitlines()[-1] for _, _, err in results]
+    assert [rc for rc, _, _ in results] == [75, 75], lines
+    matches = [stopped.fullmatch(line) for line in lines]
+    assert all(matches), lines
+    step = int(matches[0][1])
+    assert int(matches[1][1]) == step and 0 < step < steps
+    assert all("preemption notice: every process stops after step" in err for _, _, err in results)
+    assert (w / "checkpoints" / str(step)).is_dir()
+
+    rerun = finish(start_processes(args, tmp_path / "logs2"), tmp_path / "logs2")
+    assert [rc for rc, _, _ in rerun] == [0, 0], rerun[0][2][-3000:]
+    assert f"resuming from step {step}" in rerun[0][2]
+    assert json.loads(rerun[0][1].strip().splitlines()[-1])["step"] == steps

@@ -54,7 +54,7 @@ CASES = (  # (checkpoint, task, model options, mesh (data, fsdp, tensor))
 
 
 @pytest.mark.mesh
-def test_sharded_load_on_8_devices_is_bit_identical_to_the_plain_load(tmp_path):
+def test_sharded_load_and_init_on_8_devices_are_bit_identical_to_the_plain_ones(tmp_path):
     bert = make_tiny_classifier(tmp_path / "bert", num_labels=3)
     llama = make_tiny_decoder(tmp_path / "llama")
     shard_checkpoint(llama, "40KB")
@@ -63,15 +63,18 @@ def test_sharded_load_on_8_devices_is_bit_identical_to_the_plain_load(tmp_path):
         assert result["differ"] == [], (case, result["differ"])
         assert result["split"] > 0, case  # parameters really are divided between the devices
         assert result["report_equal"], case
+        assert result["scratch_keys_equal"] and result["scratch_differ"] == [], (case, result["scratch_differ"])
+        assert result["scratch_split"] > 0, case
 
 
 def _values_worker(bert: str, llama: str) -> dict:
     import jax
     import jax.numpy as jnp
     import transformers as tf
+    from flax import nnx
 
     from jaxsft import hf_io, parallel
-    from jaxsft.models import build_model, load_sharded, load_weights
+    from jaxsft.models import build_model, flatten_state, init_sharded, load_sharded, load_weights
 
     assert jax.device_count() == 8
     results = []
@@ -87,11 +90,17 @@ def _values_worker(bert: str, llama: str) -> dict:
         mesh = parallel.make_mesh({"data": d, "fsdp": f, "tensor": t})
         _, params, report = load_sharded(build, hf_io.WeightReader(folder), "test", mesh, parallel.rules_for(hf_config))
         assert params.keys() == plain.keys()
+        # model.from_scratch: every param initialised on its devices equals an eager build's
+        eager = flatten_state(nnx.to_pure_dict(nnx.state(build(), nnx.Param)))
+        _, fresh = init_sharded(build, mesh, parallel.rules_for(hf_config))
         results.append({
             "differ": [k for k in plain if not np.array_equal(np.asarray(params[k]), np.asarray(plain[k]))
                        or params[k].dtype != plain[k].dtype],
             "split": sum(v.addressable_shards[0].data.shape != v.shape for v in params.values()),
             "report_equal": (report.missing, report.unexpected) == (plain_report.missing, plain_report.unexpected),
+            "scratch_differ": [k for k in eager if not np.array_equal(np.asarray(fresh[k]), np.asarray(eager[k]))],
+            "scratch_split": sum(v.addressable_shards[0].data.shape != v.shape for v in fresh.values()),
+            "scratch_keys_equal": fresh.keys() == eager.keys(),
         })
     return {"cases": results}
 

@@ -223,6 +223,21 @@ def load_sharded(build, reader, source: str, mesh, rules=None) -> tuple[nnx.Modu
     return model, {k: params[k] for k in shapes}, report
 
 
+def init_sharded(build, mesh, rules=None) -> tuple[nnx.Module, dict]:
+    """(abstract model, params) of a freshly initialised `build()` (model.from_scratch), each param computed on
+    its devices in its sharding (by `rules` on `mesh`; None: replicated): no host holds the whole model, and the
+    values equal an eager `build()`'s bit for bit."""
+    from jaxsft import parallel
+
+    model = nnx.eval_shape(build)
+    shapes = flatten_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    if rules is None:
+        shardings = {k: parallel.replicated(mesh) for k in shapes}
+    else:
+        shardings = parallel.param_shardings(shapes, rules, mesh)
+    return model, _init_params(build, shardings)
+
+
 def _slice_reader(names, transpose: bool, stacked: bool, read, dtype):
     """The make_array_from_callback callback of one param: its slice, cast per slice to the param's dtype."""
     pieces: dict = {}  # a partly replicated param asks for the same slice once per device: read it once
