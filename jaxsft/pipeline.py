@@ -199,8 +199,14 @@ def build(hf_config, config, *, with_lora: bool = True):
     model = build_model(hf_config, config.task, compute_dtype(config.dtype), config.seed, options)
     if config.lora.rank and config.lora.rank > 0 and with_lora:
         lora.inject(model, config.lora, config.seed)
-    trainable = lora.trainable_predicate(model, config.task) if config.lora.rank and config.lora.rank > 0 else None
-    return model, trainable
+    return model, trainable_for(model, config)
+
+
+def trainable_for(model, config):
+    """The LoRA trainable-path predicate of this (possibly abstract) model; None: full fine-tuning."""
+    from jaxsft.models import lora
+
+    return lora.trainable_predicate(model, config.task) if config.lora.rank and config.lora.rank > 0 else None
 
 
 def load_pretrained(hf_config, config, folder: Path, mesh, source: str, rules=None):
@@ -210,15 +216,10 @@ def load_pretrained(hf_config, config, folder: Path, mesh, source: str, rules=No
     from jaxsft import hf_io
     from jaxsft.models import load_sharded
 
-    built = {}
-
-    def make():
-        model, built["trainable"] = build(hf_config, config, with_lora=False)
-        return model
-
     rules = parallel.rules_for(hf_config) if rules is None else rules
-    model, params, report = load_sharded(make, hf_io.WeightReader(folder), source, mesh, rules or None)
-    return model, params, built["trainable"], report
+    model, params, report = load_sharded(lambda: build(hf_config, config, with_lora=False)[0],
+                                         hf_io.WeightReader(folder), source, mesh, rules or None)
+    return model, params, trainable_for(model, config), report
 
 
 def workdir_hf(workdir) -> Path:
@@ -236,16 +237,10 @@ def workdir_model(workdir: Path, config):
     hf_dir = workdir_hf(workdir)
     hf_config = load_hf_config(hf_dir, "--workdir")
     tokenizer = load_tokenizer(hf_dir, "--workdir")
-    built = {}
-
-    def make():
-        model, built["trainable"] = build(hf_config, config)
-        return model
-
-    model = nnx.eval_shape(make)  # shapes only: the checkpoint supplies every value
+    model = nnx.eval_shape(lambda: build(hf_config, config)[0])  # shapes only: the checkpoint supplies values
     template = flatten_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     functional = Functional(model)
-    functional.trainable = built["trainable"]
+    functional.trainable = trainable_for(model, config)
     return functional, template, hf_config, tokenizer
 
 

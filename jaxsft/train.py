@@ -376,15 +376,10 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
     if config.model.from_scratch:  # the architecture only: fresh random weights (HF initialisation ranges)
         from jaxsft.models import init_sharded
 
-        built = {}
-
-        def make():
-            model, built["trainable"] = pipeline.build(hf_config, config, with_lora=False)
-            return model
-
         # each param initialised on its devices, in its sharding (model: shapes only)
-        model, params = init_sharded(make, mesh, parallel.rules_for(hf_config))
-        trainable = built["trainable"]
+        model, params = init_sharded(lambda: pipeline.build(hf_config, config, with_lora=False)[0], mesh,
+                                     parallel.rules_for(hf_config))
+        trainable = pipeline.trainable_for(model, config)
         log.info("model.from_scratch: %s with %d fresh random parameters", type(model).__name__,
                  sum(v.size for v in params.values()))
     else:  # straight into the shardings: each process reads only its devices' slices (model: shapes only)
