@@ -92,10 +92,11 @@ def write_weights(params: dict, out: Path, dtype, max_shard_size: str | int = "5
     from jaxsft import hf_io
     from jaxsft.models import hf_layout, hf_tensor
 
-    layout = hf_layout(params)
+    shapes = getattr(params, "base", params)  # lora.Merged: merged weights have their base's shapes
+    layout = hf_layout(shapes)
 
     def spec(path, layer, transpose):
-        shape = tuple(params[path].shape)[0 if layer is None else 1:]
+        shape = tuple(shapes[path].shape)[0 if layer is None else 1:]
         return shape[::-1] if transpose else shape, dtype
 
     return hf_io.write_safetensors_sharded({name: spec(*entry) for name, entry in layout.items()},

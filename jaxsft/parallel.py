@@ -205,20 +205,28 @@ def local_rows(mesh: Mesh, batch_size: int) -> slice:
 class GlobalBatches:
     """Index batches → global batch arrays. Each process collates only the rows its own devices hold
     (`collate(indices, rows=...)`: the shape comes from all the batch's indices, the arrays only from those rows)
-    and hands them over as its part of the global arrays; no process builds the whole batch."""
+    and hands them over as its part of the global arrays; no process builds the whole batch. `key(indices)`: what
+    a batch's shapes depend on (its padded lengths), so `shapes` collates one batch per key only."""
 
-    def __init__(self, collate, batch_size: int, mesh: Mesh):
-        self.collate, self.batch_size, self.mesh = collate, batch_size, mesh
+    def __init__(self, collate, batch_size: int, mesh: Mesh, key=None):
+        self.collate, self.batch_size, self.mesh, self.key = collate, batch_size, mesh, key
         self.rows = local_rows(mesh, batch_size)
         self.sharding = batch_sharding(mesh)
+        self._shapes: dict = {}
 
     def local(self, indices) -> dict[str, np.ndarray]:
         return self.collate(indices, rows=self.rows)
 
     def shapes(self, indices) -> dict[str, jax.ShapeDtypeStruct]:
         """The global batch's shapes and dtypes (for compiling ahead; nothing goes to a device)."""
-        return {k: jax.ShapeDtypeStruct((self.batch_size,) + v.shape[1:], v.dtype)
-                for k, v in self.local(indices).items()}
+        key = None if self.key is None else self.key(indices)
+        if key is None or key not in self._shapes:
+            out = {k: jax.ShapeDtypeStruct((self.batch_size,) + v.shape[1:], v.dtype)
+                   for k, v in self.local(indices).items()}
+            if key is None:
+                return out
+            self._shapes[key] = out
+        return self._shapes[key]
 
     def __call__(self, indices) -> dict[str, jax.Array]:
         local, start = self.local(indices), self.rows.start

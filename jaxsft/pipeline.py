@@ -122,8 +122,14 @@ def eval_batches(features, config, mesh, task, pad_id: int):
     bs = eval_batch_size(config, mesh)
     batches = BatchPlan(features.lengths, bs, seed=0, shuffle=False, group_by_length=True).epoch(0)
     chosen = buckets(config, [features.lengths[b].max() for b in batches])
-    return batches, parallel.GlobalBatches(partial(task.collate, features, batch_size=bs, buckets=chosen,
-                                                   pad_id=pad_id), bs, mesh)
+    return batches, global_batches(task, features, bs, chosen, pad_id, mesh)
+
+
+def global_batches(task, features, batch_size: int, bucket_list: list[int], pad_id: int, mesh):
+    """parallel.GlobalBatches of the task's fixed-shape batches of `features`."""
+    return parallel.GlobalBatches(partial(task.collate, features, batch_size=batch_size, buckets=bucket_list,
+                                          pad_id=pad_id), batch_size, mesh,
+                                  key=partial(task.batch_lengths, features, buckets=bucket_list))
 
 
 def predict(eval_step, params, features, config, mesh, task, pad_id: int) -> np.ndarray:
@@ -135,8 +141,12 @@ def predict(eval_step, params, features, config, mesh, task, pad_id: int) -> np.
     if not eval_step.planned:
         precompile.compile_all(eval_step.jobs((params, None), make.shapes, batches, mesh), "eval ")
         eval_step.planned = True
+    from jaxsft.data import sharded
+
     out = None
-    for idx in batches:
+    for at, idx in enumerate(batches):
+        if getattr(features, "on_demand", None) is not None:  # several processes: this one's rows, made in chunks
+            sharded.prefetch(features.on_demand, batches, at, make.rows)
         logits = parallel.to_host(eval_step(params, make(idx)))
         if out is None:
             out = np.zeros((len(features),) + logits.shape[1:], dtype=np.float32)

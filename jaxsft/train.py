@@ -14,7 +14,6 @@ import signal
 import tempfile
 import threading
 import time
-from functools import partial
 from pathlib import Path
 
 import jax
@@ -26,6 +25,7 @@ from flax import nnx
 from jaxsft import config as config_lib
 from jaxsft import fs, hf_io, optim, parallel, pipeline, precompile
 from jaxsft.checkpoint import Checkpoints, abstract
+from jaxsft.data import sharded
 from jaxsft.data.batching import BatchPlan, padding_share
 from jaxsft.errors import EXIT_FAILURE, RunFailed, Stopped, UserError
 from jaxsft.lock import WorkdirLock
@@ -365,12 +365,17 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
         config.model.decoder_start_token_id = tokenizer.pad_token_id if start is None else int(start)
     train_ds, eval_ds = pipeline.load_splits(config)
     task.resolve_labels(config, train_ds)
-    train = task.featurize(train_ds, tokenizer, config, "data.train", config.data.train, need_labels=True)
+    # 1 process: the whole split tokenized; several: each its share, then its rows of each batch as they come
+    train = sharded.featurize_train(task, train_ds, tokenizer, config, "data.train", config.data.train)
     evals = None
     if eval_ds is not None:
         eval_key = "data.eval" if config.data.eval else "data.train (eval_fraction hold-out)"
-        evals = task.featurize(eval_ds, tokenizer, config, eval_key, config.data.eval or config.data.train,
-                               need_labels=True)
+        if getattr(task, "eval_generates", lambda c: False)(config):  # decoding needs every prompt and reference
+            evals = task.featurize(eval_ds, tokenizer, config, eval_key, config.data.eval or config.data.train,
+                                   need_labels=True)
+        else:  # the eval loss and metrics need only lengths and labels everywhere: shared out like the training set
+            evals = sharded.featurize_train(task, eval_ds, tokenizer, config, eval_key,
+                                            config.data.eval or config.data.train)
     if hasattr(task, "set_label_config"):
         task.set_label_config(hf_config, config)
     if config.model.from_scratch:  # the architecture only: fresh random weights (HF initialisation ranges)
@@ -431,8 +436,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
     train_step = make_train_step(functional, task, tx, config, mesh, shardings)
     eval_step = pipeline.make_eval_step(functional, task, mesh, {**shardings.get("frozen", {}), **shardings["params"]})
     pad_id = tokenizer.pad_token_id
-    make_batch = parallel.GlobalBatches(partial(task.collate, train, batch_size=config.batch_size,
-                                                buckets=bucket_list, pad_id=pad_id), config.batch_size, mesh)
+    make_batch = pipeline.global_batches(task, train, config.batch_size, bucket_list, pad_id, mesh)
     if jax.process_count() > 1:
         log.warning("process %d builds rows %d:%d of each global batch of %d", jax.process_index(),
                     make_batch.rows.start, make_batch.rows.stop, config.batch_size)
@@ -507,6 +511,8 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
             if step >= total:
                 break
             idx = batches[bi]
+            if train.on_demand is not None:  # several processes: this one's rows of the next batches, in one go
+                sharded.prefetch(train.on_demand, batches, bi, make_batch.rows)
             state, out = train_step(state, make_batch(idx), np.int32(step))
             step += 1
             ex_log += len(idx)

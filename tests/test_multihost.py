@@ -66,11 +66,23 @@ def finish(procs, logs, timeout: int = 600) -> list[tuple[int, str, str]]:
             for i, p in enumerate(procs)]
 
 
+def last_line(err: str) -> str:
+    """A process's closing stderr line, skipping the lines gloo (the CPU backend's collectives; GPUs and TPUs have
+    none) prints from C++ whenever it connects a new communicator — one may land after the CLI's last line."""
+    return [line for line in err.strip().splitlines() if not line.startswith("[Gloo]")][-1]
+
+
 def run_single(module: str, *args, devices: int = 4) -> dict:
     p = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env_for(devices),
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def data_counts(workdir) -> dict:
+    """The run's first metrics row: what the data held (empty, cut, duplicate examples)."""
+    row = json.loads(open(workdir / "metrics.jsonl").readline())
+    return {k: v for k, v in row.items() if k.startswith("data_")}
 
 
 def losses(workdir) -> list[float]:
@@ -101,6 +113,10 @@ def test_two_processes_train_like_one_and_the_checkpoint_restores_on_another_mes
     rows = [re.findall(r"process (\d) builds rows (\d+):(\d+) of each global batch of (\d+)", err)
             for _, _, err in results]
     assert rows == [[("0", "0", "8", "16")], [("1", "8", "16", "16")]], rows
+    # ... and tokenized only its half of the training set up front (the lengths of the rest are gathered).
+    scanned = [re.findall(r"data.train: process (\d) tokenized rows (\d+):(\d+) of (\d+)", err)
+               for _, _, err in results]
+    assert scanned == [[("0", "0", "48", "96")], [("1", "48", "96", "96")]], scanned
     env = json.loads((multi / "environment.json").read_text())
     assert env["process_count"] == 2 and len(env["devices"]) == 4
     multi_losses = losses(multi)
@@ -109,6 +125,7 @@ def test_two_processes_train_like_one_and_the_checkpoint_restores_on_another_mes
     single = tmp_path / "single"
     single_final = run_single("jaxsft.run", *run_args(tiny_bert, data, single, *steps))
     np.testing.assert_allclose(multi_losses, losses(single), atol=1e-5, rtol=0)
+    assert data_counts(multi) == data_counts(single) and "data_train_duplicates" in data_counts(multi)
     assert abs(final["eval_loss"] - single_final["eval_loss"]) < 1e-5
 
     # The checkpoint the two processes wrote (sharded across them) restores in one process on another mesh.
@@ -129,6 +146,45 @@ def test_two_processes_train_like_one_and_the_checkpoint_restores_on_another_mes
         assert p.returncode == 0, p.stderr[-3000:]
     a, b = load_file(tmp_path / "hf4" / "model.safetensors"), load_file(tmp_path / "hf1" / "model.safetensors")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_pack_and_train_sft_like_one(tiny_llama, tmp_path):
+    """Packed SFT: each process tokenizes half the examples; rows are packed from the gathered lengths, so the
+    batches (and losses) are those of one process holding every example."""
+    from conftest import alpaca_rows, write_jsonl
+
+    write_jsonl(tmp_path / "train.jsonl", alpaca_rows(80, 3))
+    args = lambda w: ["--config", "configs/sft.py", "--workdir", str(w), f"--config.model.name_or_path={tiny_llama}",  # noqa: E731
+                      f"--config.data.train={tmp_path / 'train.jsonl'}", "--config.max_steps=4",
+                      "--config.max_length=128", "--config.batch_size=8", "--config.dtype=float32",
+                      "--config.log_every_steps=1", "--config.warmup_steps=0", "--config.learning_rate=1e-3",
+                      "--config.data.eval_fraction=0", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+                      "--config.mesh.tensor=1"]
+    results = finish(start_processes(args(tmp_path / "multi"), tmp_path / "logs"), tmp_path / "logs")
+    for i, (rc, _, err) in enumerate(results):
+        assert rc == 0, f"process {i} failed ({rc}):\n{err[-3000:]}"
+    assert all(f"data.train: process {i} tokenized rows {40 * i}:{40 * (i + 1)} of 80" in err
+               for i, (_, _, err) in enumerate(results))
+    run_single("jaxsft.run", *args(tmp_path / "single"))
+    multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
+    assert len(multi) == 4
+    np.testing.assert_allclose(multi, single, atol=1e-5, rtol=0)
+    assert data_counts(tmp_path / "multi") == data_counts(tmp_path / "single")
+    assert data_counts(tmp_path / "single")["data_train_duplicates"] > 0  # alpaca_rows repeats examples
+
+
+def test_a_bad_row_in_one_process_share_stops_every_process_with_its_line(tiny_bert, tmp_path):
+    rows = synthetic_rows(40, 1)
+    rows[30] = (rows[30][0], "meh")  # in the second process's half; not one of data.label_names
+    write_tsv(tmp_path / "train.tsv", rows)
+    args = run_args(tiny_bert, tmp_path, tmp_path / "w", "--config.data.eval=", "--config.data.eval_fraction=0",
+                    "--config.data.label_names=negative,positive", "--config.max_steps=2")
+    results = finish(start_processes(args, tmp_path / "logs"), tmp_path / "logs", timeout=300)
+    for i, (rc, _, err) in enumerate(results):
+        assert rc == 2 and last_line(err) == ("error: data.train: label 'meh' (row 30) is not in the label set "
+                                             "['negative', 'positive'] (data.label_names, or the labels seen in "
+                                             "data.train)"), (i, rc, err[-2000:])
+    assert not (tmp_path / "w" / "checkpoints").exists()
 
 
 def test_a_killed_process_makes_the_other_exit_instead_of_hanging(tiny_bert, data, tmp_path):
@@ -180,7 +236,7 @@ def test_sigterm_on_one_host_stops_every_process_at_the_same_step_and_the_rerun_
         results = finish(procs, tmp_path / "logs", timeout=120)
     stopped = re.compile(r"stopped at step (\d+) on SIGTERM; checkpoint saved in (\S+) — rerun the same command to "
                          r"resume")
-    lines = [err.strip().splitlines()[-1] for _, _, err in results]
+    lines = [last_line(err) for _, _, err in results]
     assert [rc for rc, _, _ in results] == [75, 75], lines
     matches = [stopped.fullmatch(line) for line in lines]
     assert all(matches), lines

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import ROOT, synthetic_rows, write_tsv
-from test_multihost import env_for, finish, run_args, run_single, start_processes
+from test_multihost import env_for, finish, last_line, run_args, run_single, start_processes
 
 pytestmark = [pytest.mark.multihost, pytest.mark.slow]  # each test starts several JAX processes
 
@@ -80,7 +80,7 @@ def test_export_writes_sharded_safetensors_from_process_0_only(workdir, tmp_path
     results = finish(start_processes(args, tmp_path / "logs2", module="jaxsft.export"), tmp_path / "logs2")
     for i, (rc, out, err) in enumerate(results):
         assert rc == 2 and out == "", (i, rc, err[-2000:])
-        assert err.strip().splitlines()[-1].startswith("error: --output") and "Traceback" not in err, err[-2000:]
+        assert last_line(err).startswith("error: --output") and "Traceback" not in err, err[-2000:]
     assert not (tmp_path / "hf1").exists()
 
 

@@ -331,3 +331,30 @@ if __name__ == "__main__":
     what, *rest = sys.argv[1:]
     result = {"values": _values_worker, "memory": _memory_worker}[what](*rest)
     print(json.dumps(result))
+
+
+def test_lora_merge_for_export_makes_each_merged_weight_only_when_read(monkeypatch):
+    """Export reads one tensor at a time; merging lazily keeps at most one merged weight alive (a device's base
+    weight merged on the device, in its sharding; a host one on the host)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsft.models import lora
+
+    rng = np.random.default_rng(0)
+    a_q, b_q, a_o, b_o = (rng.normal(size=s).astype(np.float32) for s in ((6, 2), (2, 4), (4, 2), (2, 3)))
+    w_q, w_o = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32), rng.normal(size=(4, 3)).astype(np.float32)
+    params = {"q.kernel": w_q, "q.lora_A.kernel": jnp.asarray(a_q), "q.lora_B.kernel": jnp.asarray(b_q),
+              "o.weight": w_o, "o.lora_A.kernel": a_o, "o.lora_B.kernel": b_o, "head.bias": np.ones(3, np.float32)}
+    calls = []
+    real = lora._merge_on_devices
+    monkeypatch.setattr(lora, "_merge_on_devices", lambda *args: calls.append(1) or real(*args))
+    merged = lora.merge(params, {"q": 0.5, "o": 2.0})
+    assert list(merged) == ["q.kernel", "o.weight", "head.bias"] and not calls  # nothing merged yet
+    q = merged["q.kernel"]
+    assert isinstance(q, jax.Array) and q.sharding == w_q.sharding and len(calls) == 1
+    np.testing.assert_allclose(np.asarray(q), np.asarray(w_q) + a_q @ b_q * 0.5, atol=1e-6)
+    o = merged["o.weight"]
+    assert isinstance(o, np.ndarray) and len(calls) == 1
+    np.testing.assert_allclose(o, w_o + a_o @ b_o * 2.0, atol=1e-6)
+    assert merged["head.bias"] is params["head.bias"]

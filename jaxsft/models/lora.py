@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import math
 import re
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -157,21 +158,39 @@ def trainable_predicate(model: nnx.Module, task: str):
     return pred
 
 
-def merge(params: dict, scales: dict[str, float]) -> dict:
-    """Folds adapters into the base weights: W += A @ B * scale; drops the adapter params (for export). Arrays
-    spread over several processes are merged where they lie (W keeps its sharding, nothing is gathered; every
-    process must call it then), the rest on this host."""
-    out = {k: v for k, v in params.items() if not is_adapter(k)}
-    for module, scale in scales.items():
-        a, b = params[f"{module}.lora_A.kernel"], params[f"{module}.lora_B.kernel"]
-        key = f"{module}.kernel" if f"{module}.kernel" in out else f"{module}.weight"
-        w = out[key]
-        if isinstance(w, jax.Array) and not w.is_fully_addressable:
-            out[key] = jax.device_put(_merge_on_devices(w, a, b, np.float32(scale)), w.sharding)
-            continue
+class Merged(Mapping):
+    """`params` with every adapter folded into its base weight (W + A @ B * scale) and the adapter params left out,
+    each merged weight made only when it is read: export reads one tensor at a time, so no host or device ever
+    holds more than one merged weight. A base weight that is a jax.Array is merged on its devices, in its sharding
+    (spread over processes too: then every process must read it, as export's gather does); numpy on the host."""
+
+    def __init__(self, params: dict, scales: dict[str, float]):
+        self.base = {k: v for k, v in params.items() if not is_adapter(k)}  # merged weights keep these shapes
+        self.adapted = {}
+        for module, scale in scales.items():
+            key = f"{module}.kernel" if f"{module}.kernel" in self.base else f"{module}.weight"
+            self.adapted[key] = (params[f"{module}.lora_A.kernel"], params[f"{module}.lora_B.kernel"], scale)
+
+    def __getitem__(self, key: str):
+        w = self.base[key]
+        if key not in self.adapted:
+            return w
+        a, b, scale = self.adapted[key]
+        if isinstance(w, jax.Array):
+            return jax.device_put(_merge_on_devices(w, a, b, np.float32(scale)), w.sharding)
         a, b = (np.asarray(jax.device_get(x), np.float32) for x in (a, b))
-        out[key] = np.asarray(jax.device_get(w), np.float32) + (a @ b) * scale
-    return out
+        return np.asarray(w, np.float32) + (a @ b) * scale
+
+    def __iter__(self):
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+def merge(params: dict, scales: dict[str, float]) -> Merged:
+    """Folds adapters into the base weights for export (W += A @ B * scale, adapters dropped), lazily: `Merged`."""
+    return Merged(params, scales)
 
 
 @jax.jit

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsft.data import batching
+from jaxsft.data import batching, sharded
 from jaxsft.data.batching import BatchPlan, bucket_for, local_part, pad_rows
 from jaxsft.data.packing import next_token_targets, pack, segment_layout
 from jaxsft.data.sources import require_columns
@@ -63,6 +63,7 @@ class Features:
     num_empty: int = 0  # examples left out: no loss token within max_length
     num_truncated: int = 0  # examples cut at max_length
     num_duplicates: int = 0  # examples whose tokens and loss mask equal an earlier one's; kept
+    on_demand: sharded.OnDemand | None = None  # token rows made when a batch needs them (multi-process training)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -183,8 +184,9 @@ class _Chat:  # a conversation tokenized whole; loss on the turns in `loss_turns
     loss_turns: list[int]
 
 
-def _examples(ds, config, key: str, spec: str, chat: bool) -> tuple[list, list[str]]:
-    """Per data set row: a _Plain or _Chat, and the reference text."""
+def _examples(ds, config, key: str, spec: str, chat: bool, first_row: int = 0) -> tuple[list, list[str]]:
+    """Per data set row: a _Plain or _Chat, and the reference text (`first_row`: the data set row `ds` starts at,
+    for messages)."""
     fmt = config.data.format or detect_format(ds, key, spec)
     if fmt == "translation":
         from jaxsft.tasks import seq2seq
@@ -207,7 +209,8 @@ def _examples(ds, config, key: str, spec: str, chat: bool) -> tuple[list, list[s
             raise no_template
         for i, msgs in enumerate(ds["messages"]):
             if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m for m in msgs):
-                raise UserError(f"{key}: row {i} of {spec}: messages must be a list of {{role, content}} turns")
+                raise UserError(f"{key}: row {first_row + i} of {spec}: messages must be a list of "
+                                "{role, content} turns")
             turns = [j for j, m in enumerate(msgs) if m["role"] == "assistant"]
             out.append(_Chat(list(msgs), turns))
             refs.append(_text(msgs[turns[-1]].get("content")) if turns else "")
@@ -261,9 +264,10 @@ def _chat_texts(ex: _Chat, tokenizer, config, key: str, row: int) -> list[str]:
     return texts
 
 
-def _tokenize(examples: list, tokenizer, config, key: str) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+def _tokenize(examples: list, tokenizer, config, key: str,
+              first_row: int = 0) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
     """(ids, loss_tokens, prompt texts) per example, before truncation."""
-    chat_texts = {i: _chat_texts(ex, tokenizer, config, key, i) for i, ex in enumerate(examples)
+    chat_texts = {i: _chat_texts(ex, tokenizer, config, key, first_row + i) for i, ex in enumerate(examples)
                   if isinstance(ex, _Chat)}
     strings = []
     for i, ex in enumerate(examples):
@@ -301,37 +305,86 @@ def _tokenize(examples: list, tokenizer, config, key: str) -> tuple[list[np.ndar
     return all_ids, all_loss, prompts
 
 
-def featurize(ds, tokenizer, config, key: str, spec: str, *, need_labels: bool = True) -> Features:
-    """Tokenizes one split into rows (packed when data.packing) with explicit loss tokens."""
-    examples, references = _examples(ds, config, key, spec, has_chat_template(tokenizer, config))
-    ids, loss, prompts = _tokenize(examples, tokenizer, config, key)
+def _example_tokens(ds, tokenizer, config, key: str, spec: str, first_row: int = 0):
+    """Per data set example: (ids, loss tokens) cut at max_length, and the prompt and reference texts; with the
+    examples cut and each example's 64-bit key (tokens and loss mask: duplicates)."""
+    examples, references = _examples(ds, config, key, spec, has_chat_template(tokenizer, config), first_row)
+    ids, loss, prompts = _tokenize(examples, tokenizer, config, key, first_row)
     max_length = config.max_length
-    num_truncated = sum(len(x) > max_length for x in ids)
-    num_duplicates = len(ids) - len({(x.tobytes(), m.tobytes()) for x, m in zip(ids, loss)})
-    ids, loss = [x[:max_length] for x in ids], [x[:max_length] for x in loss]
-    keep = [i for i, x in enumerate(loss) if x[1:].any()]  # position 0 is never a target
-    num_empty = len(ids) - len(keep)
+    truncated = sum(len(x) > max_length for x in ids)
+    keys = sharded.keys_of((x.tobytes(), m.tobytes()) for x, m in zip(ids, loss))
+    return [x[:max_length] for x in ids], [x[:max_length] for x in loss], prompts, references, truncated, keys
+
+
+def _plan_rows(lengths: np.ndarray, has_loss: np.ndarray, config, key: str, spec: str) -> tuple[list, int]:
+    """(the example indices of each row, examples left out): examples without a loss token are left out, the rest
+    packed whole into rows of max_length (data.packing) or one per row."""
+    keep = np.flatnonzero(has_loss)
+    num_empty = len(lengths) - len(keep)
     if num_empty:
         log.info("%s: %d of %d examples have no loss token within max_length=%d and are left out", key, num_empty,
-                 len(ids), max_length)
-    if not keep:
-        raise UserError(f"{key}: no example of {spec} has a loss token within max_length={max_length}")
-    lengths = np.asarray([len(ids[i]) for i in keep])
-    groups = pack(lengths, max_length) if config.data.packing else [np.asarray([j]) for j in range(len(keep))]
-    f = Features([], [], [], [], [], np.zeros(len(groups), dtype=np.int64), prompts, references, num_empty,
-                 num_truncated, num_duplicates)
-    for r, g in enumerate(groups):
-        members = [keep[j] for j in g]
-        seg, pos = segment_layout([len(ids[i]) for i in members])
-        f.input_ids.append(np.concatenate([ids[i] for i in members]))
-        f.loss_tokens.append(np.concatenate([loss[i] for i in members]))
-        f.segment_ids.append(seg)
-        f.positions.append(pos)
-        f.rows.append(np.asarray(members, dtype=np.int64))
-        f.lengths[r] = len(seg)
+                 len(lengths), config.max_length)
+    if not len(keep):
+        raise UserError(f"{key}: no example of {spec} has a loss token within max_length={config.max_length}")
+    groups = pack(lengths[keep], config.max_length) if config.data.packing else [np.asarray([j])
+                                                                                  for j in range(len(keep))]
+    return [keep[g].astype(np.int64) for g in groups], num_empty
+
+
+def _row(ids: list[np.ndarray], loss: list[np.ndarray]) -> dict:
+    """One row of examples laid end to end: segment ids 1..k, positions restarting per example."""
+    seg, pos = segment_layout([len(x) for x in ids])
+    return {"input_ids": np.concatenate(ids), "loss_tokens": np.concatenate(loss), "segment_ids": seg,
+            "positions": pos}
+
+
+def featurize(ds, tokenizer, config, key: str, spec: str, *, need_labels: bool = True) -> Features:
+    """Tokenizes one split into rows (packed when data.packing) with explicit loss tokens."""
+    ids, loss, prompts, references, truncated, keys = _example_tokens(ds, tokenizer, config, key, spec)
+    lengths = np.asarray([len(x) for x in ids], dtype=np.int64)
+    members, num_empty = _plan_rows(lengths, np.asarray([x[1:].any() for x in loss], dtype=bool), config, key,
+                                    spec)
+    f = Features([], [], [], [], members, np.asarray([lengths[m].sum() for m in members], dtype=np.int64), prompts,
+                 references, num_empty, truncated, sharded.duplicates(keys))
+    for m in members:
+        row = _row([ids[i] for i in m], [loss[i] for i in m])
+        for name in ("input_ids", "segment_ids", "positions", "loss_tokens"):
+            getattr(f, name).append(row[name])
+    _report_packing(f, config, key)
+    return f
+
+
+def _report_packing(f: Features, config, key: str) -> None:
     if config.data.packing:
-        log.info("%s: %d examples packed into %d rows of %d tokens (%.1f%% filled)", key, len(keep), len(groups),
-                 max_length, 100 * f.num_tokens / (len(groups) * max_length))
+        log.info("%s: %d examples packed into %d rows of %d tokens (%.1f%% filled)", key, f.num_examples, len(f),
+                 config.max_length, 100 * f.num_tokens / (len(f) * config.max_length))
+
+
+def scan(ds, tokenizer, config, key: str, spec: str, *, first_row: int = 0) -> dict:
+    """What planning needs of these training examples (one process's slice; jaxsft.data.sharded)."""
+    ids, loss, _, _, truncated, keys = _example_tokens(ds, tokenizer, config, key, spec, first_row)
+    return {"lengths": np.asarray([len(x) for x in ids], dtype=np.int64),
+            "has_loss": np.asarray([x[1:].any() for x in loss], dtype=bool), "keys": keys, "num_truncated": truncated}
+
+
+def from_scan(meta: dict, ds, tokenizer, config, key: str, spec: str) -> Features:
+    """Training features from the gathered scans: the same rows (and packing) as `featurize`, planned from every
+    example's length; a row's tokens are made when a batch needs it."""
+    members, num_empty = _plan_rows(meta["lengths"], meta["has_loss"], config, key, spec)
+
+    def build(indices: np.ndarray) -> list[dict]:
+        need = np.unique(np.concatenate([members[r] for r in indices]))
+        ids, loss, *_ = _example_tokens(ds.select(need), tokenizer, config, key, spec)
+        at = {int(e): j for j, e in enumerate(need)}
+        return [_row([ids[at[int(e)]] for e in members[r]], [loss[at[int(e)]] for e in members[r]]) for r in indices]
+
+    rows = sharded.OnDemand(len(members), build)
+    f = Features(rows.field("input_ids"), rows.field("segment_ids"), rows.field("positions"),
+                 rows.field("loss_tokens"), members, np.asarray([meta["lengths"][m].sum() for m in members],
+                                                                dtype=np.int64),
+                 num_empty=num_empty, num_truncated=meta["num_truncated"],
+                 num_duplicates=sharded.duplicates(meta["keys"]), on_demand=rows)
+    _report_packing(f, config, key)
     return f
 
 
@@ -343,6 +396,11 @@ def padding_share(features: Features, batch_size: int, buckets: list[int], *, gr
 
 # --- batches, loss, metrics ------------------------------------------------------------------------------------
 
+def batch_lengths(features: Features, indices: np.ndarray, buckets: list[int]) -> tuple[int, ...]:
+    """The padded length of this batch: all its shapes follow from it."""
+    return (bucket_for(int(features.lengths[indices].max()), buckets),)
+
+
 def collate(features: Features, indices: np.ndarray, batch_size: int, buckets: list[int], pad_id: int,
             rows: slice | None = None) -> dict:
     """One fixed-shape numpy batch of rows; rows past len(indices) are padding (segment 0, loss mask 0). `rows`:
@@ -350,8 +408,10 @@ def collate(features: Features, indices: np.ndarray, batch_size: int, buckets: l
 
     `weights` (B,) is the number of loss tokens per row, so a loop summing it gets the token count it divides by.
     """
-    length = bucket_for(int(features.lengths[indices].max()), buckets)
+    (length,) = batch_lengths(features, indices, buckets)
     indices, batch_size = local_part(indices, batch_size, rows)
+    if features.on_demand is not None:
+        features.on_demand.fetch(indices)
 
     def padded(xs, pad):
         return pad_rows([xs[i] for i in indices], length, pad, batch_size)

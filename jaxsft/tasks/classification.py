@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from jaxsft import metrics as metrics_lib
+from jaxsft.data import sharded
 from jaxsft.data.batching import bucket_for, local_part, pad_rows
 from jaxsft.data.sources import require_columns
 from jaxsft.errors import UserError
@@ -34,6 +35,8 @@ class Features:
     num_empty: int = 0
     num_truncated: int = 0
     num_duplicates: int = 0  # rows equal to an earlier row (texts and label); kept
+    keys: np.ndarray | None = None  # per row, a 64-bit key of its texts and label (duplicates across processes)
+    on_demand: sharded.OnDemand | None = None  # token rows made when a batch needs them (multi-process training)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -86,7 +89,7 @@ def resolve_labels(config, train_ds) -> None:
     config.model.num_labels = len(names)
 
 
-def label_ids(values: list, config, key: str) -> np.ndarray:
+def label_ids(values: list, config, key: str, first_row: int = 0) -> np.ndarray:
     names = list(config.data.label_names)
     if config.model.num_labels == 1:
         return np.asarray(values, dtype=np.float32)
@@ -97,18 +100,20 @@ def label_ids(values: list, config, key: str) -> np.ndarray:
     for i, v in enumerate(values):
         if ints_by_position:  # integer labels with string label_names: an index into label_names
             if not 0 <= v < len(names):
-                raise UserError(f"{key}: label {v} (row {i}) is outside 0..{len(names) - 1} (data.label_names)")
+                raise UserError(f"{key}: label {v} (row {first_row + i}) is outside 0..{len(names) - 1} "
+                                "(data.label_names)")
             out[i] = v
         elif v in index:
             out[i] = index[v]
         else:
-            raise UserError(f"{key}: label {v!r} (row {i}) is not in the label set {names} "
+            raise UserError(f"{key}: label {v!r} (row {first_row + i}) is not in the label set {names} "
                             "(data.label_names, or the labels seen in data.train)")
     return out
 
 
-def featurize(ds, tokenizer, config, key: str, spec: str, *, need_labels: bool) -> Features:
-    """Tokenizes one split; labels are read when the column exists (required when `need_labels`)."""
+def featurize(ds, tokenizer, config, key: str, spec: str, *, need_labels: bool, first_row: int = 0) -> Features:
+    """Tokenizes one split; labels are read when the column exists (required when `need_labels`). `first_row`: the
+    data set row `ds` starts at (a slice of it), for messages."""
     d = config.data
     fields = list(d.text_fields)
     if not 1 <= len(fields) <= 2:
@@ -125,22 +130,43 @@ def featurize(ds, tokenizer, config, key: str, spec: str, *, need_labels: bool) 
         [np.zeros_like(x) for x in ids]
     lengths = np.asarray([len(x) for x in ids])
     raw = ds[d.label_field] if has_labels else None
-    labels = label_ids(raw, config, key) if has_labels else None
-    rows = list(zip(*texts, *([[_hashable(v) for v in raw]] if has_labels else [])))  # for duplicates
+    labels = label_ids(raw, config, key, first_row) if has_labels else None
+    keys = sharded.keys_of(zip(*texts, *([raw] if has_labels else [])))  # texts and label: for duplicates
     return Features(ids, types, labels, raw, lengths, num_empty, int((lengths >= config.max_length).sum()),
-                    len(rows) - len(set(rows)))
+                    sharded.duplicates(keys), keys)
 
 
-def _hashable(v):
-    return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
+def scan(ds, tokenizer, config, key: str, spec: str, *, first_row: int = 0) -> dict:
+    """What planning needs of these training rows (one process's slice; jaxsft.data.sharded)."""
+    f = featurize(ds, tokenizer, config, key, spec, need_labels=True, first_row=first_row)
+    return {"lengths": f.lengths, "labels": f.labels, "keys": f.keys, "num_empty": f.num_empty,
+            "num_truncated": f.num_truncated}
+
+
+def from_scan(meta: dict, ds, tokenizer, config, key: str, spec: str) -> Features:
+    """Training features from the gathered scans: lengths and labels of every row, token ids made on demand."""
+    def build(indices: np.ndarray) -> list[dict]:
+        f = featurize(ds.select(indices), tokenizer, config, key, spec, need_labels=True)
+        return [{"input_ids": a, "token_type_ids": b} for a, b in zip(f.input_ids, f.token_type_ids)]
+
+    rows = sharded.OnDemand(len(meta["lengths"]), build)
+    return Features(rows.field("input_ids"), rows.field("token_type_ids"), meta["labels"], None, meta["lengths"],
+                    meta["num_empty"], meta["num_truncated"], sharded.duplicates(meta["keys"]), on_demand=rows)
+
+
+def batch_lengths(features: Features, indices: np.ndarray, buckets: list[int]) -> tuple[int, ...]:
+    """The padded length(s) of this batch: all its shapes follow from them."""
+    return (bucket_for(int(features.lengths[indices].max()), buckets),)
 
 
 def collate(features: Features, indices: np.ndarray, batch_size: int, buckets: list[int], pad_id: int,
             rows: slice | None = None) -> dict:
     """One fixed-shape numpy batch; rows past len(indices) are padding with weight 0. `rows`: only those rows of
     it (a process's share; the length still comes from the whole batch)."""
-    length = bucket_for(int(features.lengths[indices].max()), buckets)
+    (length,) = batch_lengths(features, indices, buckets)
     indices, batch_size = local_part(indices, batch_size, rows)
+    if features.on_demand is not None:
+        features.on_demand.fetch(indices)
     ids = pad_rows([features.input_ids[i] for i in indices], length, pad_id, batch_size)
     types = pad_rows([features.token_type_ids[i] for i in indices], length, 0, batch_size)
     mask = np.zeros((batch_size, length), dtype=np.int32)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsft.data import sharded
 from jaxsft.data.batching import bucket_for, default_buckets, local_part, pad_rows
 from jaxsft.data.sources import require_columns
 from jaxsft.tasks.causal_lm import _token_nll as token_nll
@@ -45,6 +46,8 @@ class Features:
     num_empty: int = 0  # pairs with a blank source or target (kept, as "")
     num_truncated: int = 0  # sources or targets at their length limit (cut, or exactly that long)
     num_duplicates: int = 0  # pairs equal to an earlier pair (source and target); kept
+    keys: np.ndarray | None = None  # per example, a 64-bit key of its pair (duplicates across processes)
+    on_demand: sharded.OnDemand | None = None  # token rows made when a batch needs them (multi-process training)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -77,8 +80,10 @@ def _texts(values) -> list[str]:
     return ["" if v is None else str(v) for v in values]
 
 
-def featurize(ds, tokenizer, config, key: str, spec: str, *, need_labels: bool = True) -> Features:
-    """Tokenizes one split: prefixed sources for the encoder, targets (with EOS) for the decoder."""
+def featurize(ds, tokenizer, config, key: str, spec: str, *, need_labels: bool = True, first_row: int = 0,
+              report: bool = True) -> Features:
+    """Tokenizes one split: prefixed sources for the encoder, targets (with EOS) for the decoder. `first_row`: the
+    data set row `ds` starts at (a slice of it); `report`: log the counts (not for a slice)."""
     d = config.data
     require_columns(ds, [d.source_field], key, spec, "data.source_field")
     has_targets = d.target_field in ds.column_names
@@ -103,17 +108,53 @@ def featurize(ds, tokenizer, config, key: str, spec: str, *, need_labels: bool =
         truncated |= target_lengths >= max_target
     start = config.model.get("decoder_start_token_id")
     start = tokenizer.pad_token_id if start is None else int(start)
+    keys = sharded.keys_of(zip(sources, references) if references is not None else zip(sources))
     f = Features(ids, labels, lengths, target_lengths, sources, references, start, target_buckets(config),
-                 int(blank.sum()), int(truncated.sum()))
-    pairs = list(zip(sources, references)) if references is not None else sources
-    f.num_duplicates = len(pairs) - len(set(pairs))
+                 int(blank.sum()), int(truncated.sum()), sharded.duplicates(keys), keys)
+    if report:
+        _report(f, config, key)
+    return f
+
+
+def _report(f: Features, config, key: str) -> None:
     if f.num_empty or f.num_truncated:
         log.info("%s: %d pairs with a blank source or target (kept), %d at max_length=%d / max_target_length=%d",
-                 key, f.num_empty, f.num_truncated, config.max_length, max_target)
+                 key, f.num_empty, f.num_truncated, config.max_length,
+                 config.data.max_target_length or config.max_length)
+
+
+def scan(ds, tokenizer, config, key: str, spec: str, *, first_row: int = 0) -> dict:
+    """What planning needs of these training pairs (one process's slice; jaxsft.data.sharded)."""
+    f = featurize(ds, tokenizer, config, key, spec, need_labels=True, first_row=first_row, report=False)
+    return {"lengths": f.lengths, "target_lengths": f.target_lengths, "keys": f.keys, "num_empty": f.num_empty,
+            "num_truncated": f.num_truncated}
+
+
+def from_scan(meta: dict, ds, tokenizer, config, key: str, spec: str) -> Features:
+    """Training features from the gathered scans: lengths of every pair, tokens made on demand."""
+    def build(indices: np.ndarray) -> list[dict]:
+        f = featurize(ds.select(indices), tokenizer, config, key, spec, need_labels=True, report=False)
+        return [{"input_ids": a, "labels": b, "sources": c, "references": d}
+                for a, b, c, d in zip(f.input_ids, f.labels, f.sources, f.references)]
+
+    rows = sharded.OnDemand(len(meta["lengths"]), build)
+    start = config.model.get("decoder_start_token_id")
+    start = tokenizer.pad_token_id if start is None else int(start)
+    f = Features(rows.field("input_ids"), rows.field("labels"), meta["lengths"], meta["target_lengths"],
+                 rows.field("sources"), rows.field("references"), start,
+                 target_buckets(config), meta["num_empty"], meta["num_truncated"], sharded.duplicates(meta["keys"]),
+                 on_demand=rows)
+    _report(f, config, key)
     return f
 
 
 # --- batches, loss, metrics ------------------------------------------------------------------------------------
+
+def batch_lengths(features: Features, indices: np.ndarray, buckets: list[int]) -> tuple[int, ...]:
+    """(source, target) padded lengths of this batch: all its shapes follow from them."""
+    return (bucket_for(int(features.lengths[indices].max()), buckets),
+            bucket_for(int(features.target_lengths[indices].max()), features.target_buckets))
+
 
 def collate(features: Features, indices: np.ndarray, batch_size: int, buckets: list[int], pad_id: int,
             rows: slice | None = None) -> dict:
@@ -123,9 +164,10 @@ def collate(features: Features, indices: np.ndarray, batch_size: int, buckets: l
     Target side: `labels` (pad 0) and `loss_mask` (1 on every target token, EOS included); `decoder_input_ids` are
     the labels shifted right behind the decoder start token (pad_id after). `weights` (B,) counts loss tokens.
     """
-    src_len = bucket_for(int(features.lengths[indices].max()), buckets)
-    tgt_len = bucket_for(int(features.target_lengths[indices].max()), features.target_buckets)
+    src_len, tgt_len = batch_lengths(features, indices, buckets)
     indices, batch_size = local_part(indices, batch_size, rows)
+    if features.on_demand is not None:
+        features.on_demand.fetch(indices)
     n = len(indices)
     ids = pad_rows([features.input_ids[i] for i in indices], src_len, pad_id, batch_size)
     mask = (np.arange(src_len)[None] < np.minimum(features.lengths[indices], src_len)[:, None]).astype(np.int32)
