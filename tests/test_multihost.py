@@ -173,6 +173,33 @@ def test_two_processes_pack_and_train_sft_like_one(tiny_llama, tmp_path):
     assert data_counts(tmp_path / "single")["data_train_duplicates"] > 0  # alpaca_rows repeats examples
 
 
+def test_two_processes_train_translation_and_score_bleu_like_one(tmp_path):
+    """seq2seq: the training pairs shared out, the eval set decoded (beam search) on the global mesh; the losses,
+    eval loss and BLEU equal a 1-process run's."""
+    from conftest import make_tiny_seq2seq, parallel_rows, write_parallel
+
+    model = make_tiny_seq2seq(tmp_path / "marian")
+    train = write_parallel(tmp_path, "train", parallel_rows(64, seed=0))
+    evals = write_parallel(tmp_path, "val", parallel_rows(8, seed=1))
+    args = lambda w: ["--config", "configs/translate.py", "--workdir", str(w),  # noqa: E731
+                      f"--config.model.name_or_path={model}", f"--config.data.train={train}",
+                      f"--config.data.eval={evals}", "--config.max_steps=4", "--config.eval_every_steps=4",
+                      "--config.batch_size=8", "--config.learning_rate=3e-3", "--config.log_every_steps=1",
+                      "--config.warmup_ratio=0", "--config.decode.num_beams=2", "--config.decode.max_new_tokens=8",
+                      "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=1"]
+    results = finish(start_processes(args(tmp_path / "multi"), tmp_path / "logs"), tmp_path / "logs")
+    for i, (rc, _, err) in enumerate(results):
+        assert rc == 0, f"process {i} failed ({rc}):\n{err[-3000:]}"
+    assert all(f"data.train: process {i} tokenized rows {32 * i}:{32 * (i + 1)} of 64" in err
+               for i, (_, _, err) in enumerate(results))
+    multi_final = json.loads(results[0][1].strip().splitlines()[-1])
+    single_final = run_single("jaxsft.run", *args(tmp_path / "single"))
+    np.testing.assert_allclose(losses(tmp_path / "multi"), losses(tmp_path / "single"), atol=1e-5, rtol=0)
+    assert abs(multi_final["eval_loss"] - single_final["eval_loss"]) < 1e-5
+    assert multi_final["eval_bleu"] == single_final["eval_bleu"]
+    assert multi_final["eval_chrf"] == single_final["eval_chrf"] > 0, (multi_final, single_final)  # same hypotheses
+
+
 def test_a_bad_row_in_one_process_share_stops_every_process_with_its_line(tiny_bert, tmp_path):
     rows = synthetic_rows(40, 1)
     rows[30] = (rows[30][0], "meh")  # in the second process's half; not one of data.label_names
