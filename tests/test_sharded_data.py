@@ -69,10 +69,8 @@ CASES = {"classification": classify_case, "causal_lm": lambda: causal_case(False
 
 def simulated(task, ds, tok, c, processes: int):
     """What every one of `processes` processes holds after the scan, merge and from_scan of featurize_train."""
-    parts = []
-    for p in range(processes):
-        rows = sharded.part_of(len(ds), processes, p)
-        parts.append(task.scan(ds.select(rows), tok, c, "data.train", "rows", first_row=rows.start))
+    parts = [sharded.scan_part(task, ds, tok, c, "data.train", "rows", sharded.part_of(len(ds), processes, p))
+             for p in range(processes)]
     return task.from_scan(sharded.merge(parts), ds, tok, c, "data.train", "rows")
 
 
@@ -106,6 +104,20 @@ def test_each_process_share_plans_and_collates_what_the_whole_split_does(case, p
             ((want["labels"].shape[1],) if task is seq2seq else ())
     made = {int(i) for idx in batches for i in idx[share]}
     assert lazy.on_demand.built == len(made) < len(whole)  # only this process's rows, each made once
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fewer_rows_than_processes(case):
+    c, task, ds, tok = CASES[case]()
+    task.resolve_labels(c, ds)
+    small = ds.select(range(2))
+    whole = task.featurize(small, tok, c, "data.train", "rows", need_labels=True)
+    lazy = simulated(task, small, tok, c, 4)  # two processes scan nothing
+    np.testing.assert_array_equal(lazy.lengths, whole.lengths)
+    idx = np.arange(len(whole))
+    want = task.collate(whole, idx, 4, [c.max_length], tok.pad_token_id)
+    got = task.collate(lazy, idx, 4, [c.max_length], tok.pad_token_id)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
 def test_a_bad_row_on_any_process_names_its_row_in_the_whole_data_set():

@@ -50,9 +50,17 @@ def duplicates(keys: np.ndarray) -> int:
     return int(len(keys) - len(np.unique(keys)))
 
 
-def merge(parts: list[dict]) -> dict:
+def scan_part(task, ds, tokenizer, config, key: str, spec: str, rows: range) -> dict | None:
+    """`task.scan` of these data set rows; None for no rows (a data set smaller than the number of processes)."""
+    if not len(rows):
+        return None
+    return task.scan(ds.select(rows), tokenizer, config, key, spec, first_row=rows.start)
+
+
+def merge(parts: list[dict | None]) -> dict:
     """Per-process scan summaries → one: arrays concatenated in process order (= data set order), counts summed,
-    None where any part has None."""
+    None where any part has None; processes that scanned no rows (None) are left out."""
+    parts = [p for p in parts if p is not None]
     out = {}
     for k in parts[0]:
         values = [p[k] for p in parts]
@@ -149,7 +157,7 @@ def featurize_train(task, ds, tokenizer, config, key: str, spec: str):
     if jax.process_count() == 1 or not hasattr(task, "scan"):
         return task.featurize(ds, tokenizer, config, key, spec, need_labels=True)
     rows = part_of(len(ds), jax.process_count(), jax.process_index())
-    meta = gather_parts(lambda: task.scan(ds.select(rows), tokenizer, config, key, spec, first_row=rows.start))
+    meta = gather_parts(lambda: scan_part(task, ds, tokenizer, config, key, spec, rows))
     log.warning("%s: process %d tokenized rows %d:%d of %d for the batch plan; each batch's own rows are tokenized "
                 "as it comes", key, jax.process_index(), rows.start, rows.stop, len(ds))
     return task.from_scan(meta, ds, tokenizer, config, key, spec)
