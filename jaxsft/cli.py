@@ -4,6 +4,7 @@ run by several processes: all of them do the work, process 0 alone writes files 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -43,21 +44,51 @@ def config_from_args(argv: list[str], *, workdir_config: Path | None = None, bas
 MULTIHOST_HELP = ("one of several processes of one job (every host of a pod runs the same command): "
                   "jax.distributed.initialize (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or "
                   "detected on TPU pods / SLURM); all processes do the work, process 0 alone prints results and writes "
-                  "outputs (training: every process also writes its checkpoint shards)")
+                  "outputs (training: every process also writes its checkpoint shards). Without either flag it is on "
+                  "when the environment shows a launch of several processes (JAX_NUM_PROCESSES > 1, a SLURM step of "
+                  "several tasks, a TPU slice of several hosts); --no-multihost runs this process alone")
 
 
 _multihost = False  # start_multihost ran: this process is one of several
 
 
 def add_multihost(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--multihost", action="store_true", help=MULTIHOST_HELP)
+    p.add_argument("--multihost", action=argparse.BooleanOptionalAction, default=None, help=MULTIHOST_HELP)
 
 
-def start_multihost(enabled: bool) -> None:
-    """`--multihost`: join the job's other processes (parallel.initialize_distributed). From then on stdout carries
-    results alone: what libraries write to file descriptor 1 (gloo's connection lines) goes to stderr, and on
-    processes other than 0 everything does (they print no results)."""
+def detected_launch(env=None) -> str | None:
+    """What in the environment says this process is one of several of one launch (None: nothing does)."""
+    env = os.environ if env is None else env
+
+    def count(name: str) -> int:
+        try:
+            return int(env.get(name) or 0)
+        except ValueError:
+            return 0
+
+    if count("JAX_NUM_PROCESSES") > 1 and env.get("JAX_COORDINATOR_ADDRESS"):
+        return f"JAX_NUM_PROCESSES={count('JAX_NUM_PROCESSES')}"
+    tasks = count("SLURM_STEP_NUM_TASKS") or count("SLURM_NTASKS")
+    if env.get("SLURM_JOB_ID") and env.get("SLURM_STEP_ID") is not None and tasks > 1:
+        return f"a SLURM step of {tasks} tasks"
+    hosts = [h for h in (env.get("TPU_WORKER_HOSTNAMES") or "").split(",") if h.strip()]
+    if len(hosts) > 1:
+        return f"a TPU slice of {len(hosts)} hosts (TPU_WORKER_HOSTNAMES)"
+    return None
+
+
+def start_multihost(enabled: bool | None) -> None:
+    """`--multihost` (None, neither flag: when `detected_launch` finds one): join the job's other processes
+    (parallel.initialize_distributed). From then on stdout carries results alone: what libraries write to file
+    descriptor 1 (gloo's connection lines) goes to stderr, and on processes other than 0 everything does (they
+    print no results)."""
     global _multihost
+    if enabled is None:
+        why = detected_launch()
+        if why is not None:
+            logging.getLogger("jaxsft").info("multi-host launch detected (%s); --no-multihost runs this process "
+                                             "alone", why)
+        enabled = why is not None
     if not enabled:
         return
     from jaxsft import parallel

@@ -39,13 +39,14 @@ def run_args(model, data, workdir, *extra) -> list[str]:
 
 
 def start_processes(args, logs, n: int = 2, devices: int = 2, module: str = "jaxsft.run",
-                    **env) -> list[subprocess.Popen]:
-    """n processes of one `python -m MODULE --multihost` job (`args`: a list, or i → process i's list); process i
-    writes logs/i.out and logs/i.err (files: a full pipe would stall it)."""
+                    flag: tuple = ("--multihost",), **env) -> list[subprocess.Popen]:
+    """n processes of one `python -m MODULE --multihost` job (`args`: a list, or i → process i's list; `flag=()`:
+    left to detection from JAX_NUM_PROCESSES); process i writes logs/i.out and logs/i.err (files: a full pipe
+    would stall it)."""
     port = free_port()
     logs.mkdir(parents=True, exist_ok=True)
     argv = args if callable(args) else lambda i: args
-    return [subprocess.Popen([sys.executable, "-m", module, "--multihost", *map(str, argv(i))], cwd=ROOT,
+    return [subprocess.Popen([sys.executable, "-m", module, *flag, *map(str, argv(i))], cwd=ROOT,
                              env=env_for(devices, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                                          JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i), **env),
                              stdout=open(logs / f"{i}.out", "w"), stderr=open(logs / f"{i}.err", "w"))
@@ -201,12 +202,15 @@ def test_two_processes_train_translation_and_score_bleu_like_one(tmp_path):
 
 
 def test_a_bad_row_in_one_process_share_stops_every_process_with_its_line(tiny_bert, tmp_path):
+    """Launched without --multihost: the processes find each other from JAX_NUM_PROCESSES (the row is in process
+    1's half, so process 0 can only name it if they joined)."""
     rows = synthetic_rows(40, 1)
     rows[30] = (rows[30][0], "meh")  # in the second process's half; not one of data.label_names
     write_tsv(tmp_path / "train.tsv", rows)
     args = run_args(tiny_bert, tmp_path, tmp_path / "w", "--config.data.eval=", "--config.data.eval_fraction=0",
                     "--config.data.label_names=negative,positive", "--config.max_steps=2")
-    results = finish(start_processes(args, tmp_path / "logs"), tmp_path / "logs", timeout=300)
+    results = finish(start_processes(args, tmp_path / "logs", flag=()), tmp_path / "logs", timeout=300)
+    assert "multi-host launch detected (JAX_NUM_PROCESSES=2)" in results[0][2]
     for i, (rc, _, err) in enumerate(results):
         assert rc == 2 and last_line(err) == ("error: data.train: label 'meh' (row 30) is not in the label set "
                                              "['negative', 'positive'] (data.label_names, or the labels seen in "
