@@ -1,4 +1,5 @@
-"""Workdir paths: a local folder (pathlib, exactly as before) or a `gs://` URL (etils.epath over gcsfs).
+"""Workdir paths: a local folder (pathlib, exactly as before) or a `gs://` URL (etils.epath over gcsfs); data files
+may be `gs://` URLs too (`local_file`: downloaded once per process, then read as local files).
 
 Everything jaxsft writes into or reads from a workdir goes through `path()`; Orbax takes the same `gs://` path
 and writes through TensorStore's GCS driver. An object store has no append, no flock and no atomic folder
@@ -116,6 +117,34 @@ def local_copy(folder: AnyPath) -> Path:
             target.write_bytes((src / rel).read_bytes())
         _downloads[key] = dst
     return _downloads[key]
+
+
+def local_file(p, key: str) -> Path:
+    """A local path for a data file: `p` itself when local; a `gs://` one is downloaded once per process (into a
+    temp folder removed at exit, under its own name so its suffix still tells the format). `key` (e.g. data.train)
+    names the config key in every error."""
+    text = p if isinstance(p, str) else os.fspath(p)
+    if not is_remote(text):
+        return Path(text).expanduser()
+    if text not in _downloads:
+        scheme = text.split("://", 1)[0]
+        if scheme not in SCHEMES:
+            raise UserError(f"{key}: {text}: {scheme}:// is not supported; use a local file or gs://bucket/path")
+        try:
+            import gcsfs  # noqa: F401 - epath's fsspec backend needs it for gs://
+        except ImportError:
+            raise UserError(f"{key}: {text}: gs:// data files need gcsfs: pip install 'jaxsft[gcs]'") from None
+        src = path(text)
+        if not src.exists():
+            raise UserError(f"{key}: file not found: {text}")
+        if src.is_dir():
+            raise UserError(f"{key}: {text} is a directory, not a data file")
+        dst = Path(tempfile.mkdtemp(prefix="jaxsft-data-"))
+        atexit.register(shutil.rmtree, dst, True)
+        with src.open("rb") as fin, open(dst / src.name, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 24)
+        _downloads[text] = dst / src.name
+    return _downloads[text]
 
 
 def upload_folder(local: Path, remote: AnyPath) -> None:

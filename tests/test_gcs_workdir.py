@@ -121,8 +121,10 @@ def _objects(prefix: str) -> list[str]:
 def test_gs_workdir_trains_resumes_evaluates_and_reports(gcs, tiny_bert, tmp_path):
     from etils import epath
 
-    train = write_tsv(tmp_path / "train.tsv", synthetic_rows(48, 1))
-    evals = write_tsv(tmp_path / "eval.tsv", synthetic_rows(16, 2))
+    # The data lives in the bucket too (each process downloads a gs:// data file once).
+    train, evals = f"gs://{BUCKET}/data/train.tsv", f"gs://{BUCKET}/data/eval.tsv"
+    epath.Path(train).write_bytes(write_tsv(tmp_path / "train.tsv", synthetic_rows(48, 1)).read_bytes())
+    epath.Path(evals).write_bytes(write_tsv(tmp_path / "eval.tsv", synthetic_rows(16, 2)).read_bytes())
     workdir = f"gs://{BUCKET}/run1"
     args = ["jaxsft.run", "--config", "configs/classify.py", "--workdir", workdir,
             f"--config.model.name_or_path={tiny_bert}", f"--config.data.train={train}",
@@ -160,6 +162,27 @@ def test_gs_workdir_trains_resumes_evaluates_and_reports(gcs, tiny_bert, tmp_pat
     report = _run(["jaxsft.report", "--workdir", workdir], gcs)
     assert report.returncode == 0, report.stderr[-3000:]
     assert f"run report for {workdir}" in report.stdout and "best eval_accuracy" in report.stdout, report.stdout
+
+
+def test_gs_data_files_read_like_local_ones_and_a_missing_one_is_one_line(gcs, tmp_path):
+    from etils import epath
+
+    from jaxsft.data.sources import load_source
+    from jaxsft.errors import UserError
+
+    rows = synthetic_rows(12, 3)
+    local = write_tsv(tmp_path / "train.tsv", rows)
+    epath.Path(f"gs://{BUCKET}/d/train.tsv").write_bytes(local.read_bytes())
+    assert load_source(f"gs://{BUCKET}/d/train.tsv", "data.train").to_list() == \
+        load_source(str(local), "data.train").to_list()
+    (tmp_path / "a.en").write_text("one\ntwo\n")
+    epath.Path(f"gs://{BUCKET}/d/a.de").write_text("eins\nzwei\n")
+    pairs = load_source(f"{tmp_path / 'a.en'},gs://{BUCKET}/d/a.de", "data.train")
+    assert pairs.to_list() == [{"source": "one", "target": "eins"}, {"source": "two", "target": "zwei"}]
+    with pytest.raises(UserError, match=rf"^data.eval: file not found: gs://{BUCKET}/d/missing.tsv$"):
+        load_source(f"gs://{BUCKET}/d/missing.tsv", "data.eval")
+    with pytest.raises(UserError, match=r"^data.train: s3://b/x.tsv: s3:// is not supported"):
+        load_source("s3://b/x.tsv", "data.train")
 
 
 def test_gs_lock_object_names_its_holder_warns_a_second_run_and_is_removed(gcs, caplog):

@@ -1,4 +1,4 @@
-"""Data source specs → HF `datasets.Dataset`: local .tsv/.csv/.json/.jsonl/.parquet files, two line-aligned
+"""Data source specs → HF `datasets.Dataset`: .tsv/.csv/.json/.jsonl/.parquet files (local or `gs://`), two line-aligned
 plain-text files (`train.en,train.de`, source first), hub specs, or prepared TensorFlow Datasets
 (`tfds:NAME[:SPLIT]`, read through `tfds.data_source`: ArrayRecord, no TensorFlow)."""
 
@@ -9,6 +9,7 @@ import logging
 import re
 from pathlib import Path
 
+from jaxsft import fs
 from jaxsft.errors import UserError
 
 log = logging.getLogger("jaxsft")
@@ -19,7 +20,8 @@ TFDS_EXTRA = "pip install 'jaxsft[tfds]' (tensorflow-datasets, array_record; no 
 
 
 def _looks_like_path(spec: str) -> bool:
-    return Path(spec).suffix.lower() in FORMATS or spec.startswith((".", "/", "~")) or Path(spec).exists()
+    return Path(spec).suffix.lower() in FORMATS or spec.startswith((".", "/", "~")) or fs.is_remote(spec) or \
+        Path(spec).exists()
 
 
 def load_source(spec: str, key: str, *, source_field: str = "source", target_field: str = "target",
@@ -36,10 +38,10 @@ def load_source(spec: str, key: str, *, source_field: str = "source", target_fie
         raise UserError(f"{key} is not set")
     if spec.startswith(TFDS_PREFIX):
         return load_tfds(spec, key, tfds_data_dir)
-    if "," in spec and not Path(spec).expanduser().exists():
+    if "," in spec and (fs.is_remote(spec) or not Path(spec).expanduser().exists()):
         return load_parallel(spec, key, source_field, target_field)
     if _looks_like_path(spec):
-        path = Path(spec).expanduser()
+        path = fs.local_file(spec, key)  # gs://: downloaded once per process
         if not path.exists():
             raise UserError(f"{key}: file not found: {spec}")
         if path.is_dir():
@@ -111,7 +113,7 @@ def load_parallel(spec: str, key: str, source_field: str = "source", target_fiel
         raise UserError(f"{key}: {spec!r}: give two line-aligned text files, source first, e.g. train.en,train.de")
     if source_field == target_field:
         raise UserError(f"{key}: data.source_field and data.target_field are both {source_field!r}")
-    src, tgt = (_read_lines(Path(p).expanduser(), key, p) for p in paths)
+    src, tgt = (_read_lines(fs.local_file(p, key), key, p) for p in paths)
     if len(src) != len(tgt):
         raise UserError(f"{key}: {paths[0]} has {len(src)} lines but {paths[1]} has {len(tgt)}; "
                         "line-aligned files need the same number of lines")
