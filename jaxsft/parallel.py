@@ -243,6 +243,28 @@ class GlobalBatches:
         return {k: one(v) for k, v in local.items()}
 
 
+_COLLECTIVE = re.compile(r"= (\(?[a-z0-9]+\[[^=]*?) (all-reduce|all-gather|reduce-scatter|all-to-all|"
+                         r"collective-permute)(?:-start)?\(")
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+             "f64": 8, "s64": 8, "u64": 8}
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """{kind: {"ops", "bytes"}} of the cross-device collectives in an optimized HLO module's text
+    (`jit(f).lower(...).compile().as_text()`): what a step sends between devices, per device."""
+    out: dict[str, dict[str, int]] = {}
+    for line in hlo_text.splitlines():
+        m = _COLLECTIVE.search(line)
+        if not m:
+            continue
+        size = sum(int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64)) * _ITEMSIZE.get(dtype, 4)
+                   for dtype, dims in re.findall(r"([a-z0-9]+)\[([0-9,]*)\]", m.group(1)))
+        entry = out.setdefault(m.group(2), {"ops": 0, "bytes": 0})
+        entry["ops"] += 1
+        entry["bytes"] += size
+    return out
+
+
 def to_host(x) -> np.ndarray:
     """A global array's value on this host (gathered from every process in a multi-process run, so all of them
     must call it); local arrays as they are."""

@@ -107,8 +107,11 @@ def make_eval_step(functional, task, mesh, param_shardings=None):
     """A jitted (params, batch) → per-row outputs (replicated), as a precompile.Ahead; params keep
     `param_shardings` (None: the shardings they arrive with, sharded or replicated), the batch is split over
     (data, fsdp)."""
+    from jaxsft.models import layers
+
     def step(params, batch):
-        return task.eval_outputs(task.forward(functional.apply, params, batch), batch)
+        with layers.activations_on(mesh):  # activations stay split over the batch axes (layers.split_batch)
+            return task.eval_outputs(task.forward(functional.apply, params, batch), batch)
 
     from jaxsft.precompile import Ahead
 

@@ -29,7 +29,7 @@ from jaxsft.data import sharded
 from jaxsft.data.batching import BatchPlan, padding_share
 from jaxsft.errors import EXIT_FAILURE, RunFailed, Stopped, UserError
 from jaxsft.lock import WorkdirLock
-from jaxsft.models import Functional, compute_dtype, report_load
+from jaxsft.models import Functional, compute_dtype, layers, report_load
 from jaxsft.reporting import MetricsWriter, Progress
 
 log = logging.getLogger("jaxsft")
@@ -207,6 +207,10 @@ def make_train_step(functional, task, tx, config, mesh, state_shardings=None):
         return task.loss(logits, batch, config)
 
     def step(state, batch, step_no):
+        with layers.activations_on(mesh):  # activations stay split over the batch axes (layers.split_batch)
+            return _step(state, batch, step_no)
+
+    def _step(state, batch, step_no):
         params, opt_state, frozen = state["params"], state["opt_state"], state.get("frozen", {})
         rng = jax.random.fold_in(key, step_no)
         grad_fn = jax.value_and_grad(lambda p, b, r: sums(p, frozen, b, r), has_aux=True)

@@ -179,6 +179,23 @@ def test_params_and_optimizer_state_shrink_per_device_as_fsdp_grows(tiny_bert):
     assert out["big_params_split"], out
 
 
+@pytest.mark.slow  # ~40 s: two processes compile a Llama train step for two meshes each
+def test_fsdp_and_tensor_steps_send_weights_not_the_batch_activations(tmp_path):
+    """The residual stream stays split over (data, fsdp) (models.layers.split_batch). XLA's propagation alone
+    followed the fsdp-sharded weights and gathered the whole batch's activations and logits onto every device: 8x
+    more bytes per step here, and growing with the batch. The figures come from benchmarks/collectives.py."""
+    p = subprocess.run([sys.executable, "benchmarks/collectives.py", "--families", "llama", "--meshes",
+                        "1,8,1;1,4,2", "--json", str(tmp_path / "coll.json")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads((tmp_path / "coll.json").read_text())
+    for case in ("llama 1,8,1", "llama 1,4,2"):
+        ours, xla = out["jaxsft"][case], out["xla"][case]
+        assert ours["bytes"] < 0.3 * xla["bytes"], (case, ours["bytes"], xla["bytes"])
+        assert ours["bytes"] < 1.2 * ours["param_bytes"], case  # about one gather of the weights and their grads
+    assert "llama 1,8,1" in p.stdout and "ratio" in p.stdout  # the printed table
+
+
 # ---- the worker (runs with 8 devices) --------------------------------------------------------------------------
 
 def _train(task: str, model: str, data: str, tmp: str) -> dict:

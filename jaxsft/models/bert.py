@@ -20,6 +20,7 @@ from jaxsft.models.layers import (
     dropout,
     embed,
     remat_policy,
+    split_batch,
     sub_rng,
 )
 
@@ -137,7 +138,7 @@ class BertEncoder(nnx.Module):
 
             def body(h, xs):
                 st, i = xs
-                return _run_layer(graphdef, st, h, mask, sub_rng(rng, i)), None
+                return split_batch(_run_layer(graphdef, st, h, mask, sub_rng(rng, i))), None
 
             if policy is not None:
                 body = jax.checkpoint(body, policy=policy, prevent_cse=False)
@@ -149,6 +150,7 @@ class BertEncoder(nnx.Module):
                                                                                     sub_rng(rng, i))
             else:
                 x = layer(x, mask, sub_rng(rng, i))
+            x = split_batch(x)
         return x
 
 
@@ -170,7 +172,7 @@ class BertModel(nnx.Module):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         mask = attention_mask.astype(bool)[:, None, None, :]
-        x = self.embeddings(input_ids, token_type_ids, sub_rng(rng, 1000))
+        x = split_batch(self.embeddings(input_ids, token_type_ids, sub_rng(rng, 1000)))
         return self.encoder(x, mask, sub_rng(rng, 1001))
 
 

@@ -29,6 +29,7 @@ from jaxsft.models.layers import (
     rope_parameters,
     rotary_inv_freq,
     rotary_tables,
+    split_batch,
     sub_rng,
     use_packed_attention,
     write_kv,
@@ -167,7 +168,7 @@ class DecoderModel(nnx.Module):
         positions, mask_for = decoder_context(input_ids, attention_mask, positions, segment_ids, cache_index,
                                               cache is not None)
         rope = rotary_tables(positions, self.inv_freq)
-        x, new_cache = self.embed_tokens(input_ids), {}
+        x, new_cache = split_batch(self.embed_tokens(input_ids)), {}
         packed = segment_ids is not None and cache is None and use_packed_attention()
 
         if packed and attention_mask is not None:
@@ -188,6 +189,7 @@ class DecoderModel(nnx.Module):
                 x, kv = run(graphdef, state, x, rope, masks[layer.window], sub_rng(rng, i)), None
             else:
                 x, kv = layer(x, rope, masks[layer.window], sub_rng(rng, i), cache, i, cache_index)
+            x = split_batch(x)
             if kv is not None:
                 new_cache[f"layers.{i}.k"], new_cache[f"layers.{i}.v"] = kv
         return self.norm(x), (new_cache if cache is not None else None)
@@ -200,7 +202,7 @@ class DecoderModel(nnx.Module):
 
             def body(h, xs):
                 st, i = xs
-                return _run_layer(graphdef, st, h, rope, mask, sub_rng(rng, i)), None
+                return split_batch(_run_layer(graphdef, st, h, rope, mask, sub_rng(rng, i))), None
 
             if policy is not None:
                 body = jax.checkpoint(body, policy=policy, prevent_cse=False)

@@ -21,6 +21,7 @@ from jaxsft.models.layers import (
     decoder_context,
     dropout,
     embed,
+    split_batch,
     sub_rng,
     write_kv,
 )
@@ -100,10 +101,11 @@ class GPT2Model(nnx.Module):
         positions, mask_for = decoder_context(input_ids, attention_mask, positions, segment_ids, cache_index,
                                               cache is not None)
         mask = mask_for()
-        x = dropout(self.wte(input_ids) + self.wpe(positions), self.rate, sub_rng(rng, 1000))
+        x = split_batch(dropout(self.wte(input_ids) + self.wpe(positions), self.rate, sub_rng(rng, 1000)))
         new_cache = {}
         for i, block in enumerate(self.h):
             x, kv = block(x, mask, sub_rng(rng, i), cache, i, cache_index)
+            x = split_batch(x)
             if kv is not None:
                 new_cache[f"layers.{i}.k"], new_cache[f"layers.{i}.v"] = kv
         return self.ln_f(x), (new_cache if cache is not None else None)

@@ -3,13 +3,17 @@ attention masks and dispatch, the KV cache, last-token pooling."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+import os
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 F32 = jnp.float32
@@ -530,3 +534,34 @@ HEAD_RULES = (
     (r"(^|\.)final_logits_bias$", P(None, "tensor")),
     (r"^(classifier|score)(\.dense|\.out_proj)?\.kernel$", P("fsdp")),
 )
+
+
+# ---- activation sharding ----------------------------------------------------------------------------------------
+
+_STEP_MESH: contextvars.ContextVar = contextvars.ContextVar("jaxsft_step_mesh", default=None)
+# JAXSFT_ACTIVATION_SHARDING=0: leave activation layouts to XLA alone (for comparison; benchmarks/collectives.py)
+ACTIVATION_SHARDING = os.environ.get("JAXSFT_ACTIVATION_SHARDING", "1") != "0"
+
+
+@contextlib.contextmanager
+def activations_on(mesh):
+    """While a step is traced for `mesh`: `split_batch` pins activations to its batch axes (None: a no-op)."""
+    token = _STEP_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _STEP_MESH.reset(token)
+
+
+def split_batch(x):
+    """An activation (batch first) kept split over the mesh's (data, fsdp) axes and whole over `tensor`: the
+    residual stream as FSDP and Megatron-style tensor parallelism keep it. Without it XLA's propagation may follow
+    a weight sharded over `fsdp` instead and gather the whole global batch's activations (and logits) onto every
+    device. Outside `activations_on`, or when the batch does not divide, `x` is returned as it is."""
+    mesh = _STEP_MESH.get()
+    if mesh is None or mesh.size == 1 or not ACTIVATION_SHARDING:
+        return x
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if x.shape[0] % shards:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(("data", "fsdp"))))

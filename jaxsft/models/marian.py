@@ -31,6 +31,7 @@ from jaxsft.models.layers import (
     padding_mask,
     self_attention_kv,
     seq2seq_decoder_slots,
+    split_batch,
     sub_rng,
 )
 
@@ -138,10 +139,10 @@ class MarianEncoder(MarianStack):
         self.layers = nnx.List([MarianEncoderLayer(cfg, dtype, rngs) for _ in range(cfg.encoder_layers)])
 
     def __call__(self, tokens: nnx.Embed, input_ids, attention_mask, rng):
-        x = self._embed(tokens, input_ids, jnp.arange(input_ids.shape[1]), sub_rng(rng, 1000))
+        x = split_batch(self._embed(tokens, input_ids, jnp.arange(input_ids.shape[1]), sub_rng(rng, 1000)))
         mask = padding_mask(attention_mask)
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, sub_rng(rng, i))
+            x = split_batch(layer(x, mask, sub_rng(rng, i)))
         return x
 
 
@@ -154,11 +155,11 @@ class MarianDecoder(MarianStack):
                  cache, cache_index):
         """(hidden (batch, T, d_model), updated self-attention cache ({} without one))."""
         positions, _, mask = seq2seq_decoder_slots(decoder_input_ids, decoder_attention_mask, cache, cache_index)
-        x = self._embed(tokens, decoder_input_ids, positions, sub_rng(rng, 1000))
+        x = split_batch(self._embed(tokens, decoder_input_ids, positions, sub_rng(rng, 1000)))
         cross_mask, new_cache = padding_mask(attention_mask), {}
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, cross[f"layers.{i}.k"], cross[f"layers.{i}.v"], cross_mask, sub_rng(rng, i), cache, i,
-                      cache_index, new_cache)
+            x = split_batch(layer(x, mask, cross[f"layers.{i}.k"], cross[f"layers.{i}.v"], cross_mask, sub_rng(rng, i),
+                                  cache, i, cache_index, new_cache))
         return x, new_cache
 
 

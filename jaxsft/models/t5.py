@@ -27,6 +27,7 @@ from jaxsft.models.layers import (
     padding_mask,
     self_attention_kv,
     seq2seq_decoder_slots,
+    split_batch,
     sub_rng,
 )
 
@@ -186,12 +187,12 @@ class T5Stack(nnx.Module):
     def __call__(self, x, mask, query_positions, key_positions, rng, cross=None, cross_mask=None, cache=None,
                  cache_index=None):
         """(hidden (batch, T, d_model), updated self-attention cache ({} without one))."""
-        x, bias, new_cache = dropout(x, self.rate, sub_rng(rng, 1000)), None, {}
+        x, bias, new_cache = split_batch(dropout(x, self.rate, sub_rng(rng, 1000))), None, {}
         for i, block in enumerate(self.block):
             attn = block.layer[0].SelfAttention
             if attn.relative_attention_bias is not None:
                 bias = attn.position_bias(query_positions, key_positions)
-            x = block(x, mask, bias, sub_rng(rng, i), cross, cross_mask, cache, i, cache_index, new_cache)
+            x = split_batch(block(x, mask, bias, sub_rng(rng, i), cross, cross_mask, cache, i, cache_index, new_cache))
         return dropout(self.final_layer_norm(x), self.rate, sub_rng(rng, 1001)), new_cache
 
 
