@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from jaxsft import fs, parallel
+from jaxsft.data import sharded
 from jaxsft.data.batching import BatchPlan, choose_buckets, default_buckets
 from jaxsft.errors import UserError
 
@@ -144,8 +145,6 @@ def predict(eval_step, params, features, config, mesh, task, pad_id: int) -> np.
     if not eval_step.planned:
         precompile.compile_all(eval_step.jobs((params, None), make.shapes, batches, mesh), "eval ")
         eval_step.planned = True
-    from jaxsft.data import sharded
-
     out = None
     for at, idx in enumerate(batches):
         if getattr(features, "on_demand", None) is not None:  # several processes: this one's rows, made in chunks

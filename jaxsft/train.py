@@ -370,7 +370,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
     train_ds, eval_ds = pipeline.load_splits(config)
     task.resolve_labels(config, train_ds)
     # 1 process: the whole split tokenized; several: each its share, then its rows of each batch as they come
-    train = sharded.featurize_train(task, train_ds, tokenizer, config, "data.train", config.data.train)
+    train = sharded.featurize(task, train_ds, tokenizer, config, "data.train", config.data.train)
     evals = None
     if eval_ds is not None:
         eval_key = "data.eval" if config.data.eval else "data.train (eval_fraction hold-out)"
@@ -378,7 +378,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
             evals = task.featurize(eval_ds, tokenizer, config, eval_key, config.data.eval or config.data.train,
                                    need_labels=True)
         else:  # the eval loss and metrics need only lengths and labels everywhere: shared out like the training set
-            evals = sharded.featurize_train(task, eval_ds, tokenizer, config, eval_key,
+            evals = sharded.featurize(task, eval_ds, tokenizer, config, eval_key,
                                             config.data.eval or config.data.train)
     if hasattr(task, "set_label_config"):
         task.set_label_config(hf_config, config)

@@ -68,7 +68,7 @@ CASES = {"classification": classify_case, "causal_lm": lambda: causal_case(False
 
 
 def simulated(task, ds, tok, c, processes: int):
-    """What every one of `processes` processes holds after the scan, merge and from_scan of featurize_train."""
+    """What every one of `processes` processes holds after the scan, merge and from_scan of featurize."""
     parts = [sharded.scan_part(task, ds, tok, c, "data.train", "rows", sharded.part_of(len(ds), processes, p))
              for p in range(processes)]
     return task.from_scan(sharded.merge(parts), ds, tok, c, "data.train", "rows")

@@ -148,7 +148,7 @@ def prefetch(rows: OnDemand, batches: list[np.ndarray], at: int, share: slice, c
     rows.fetch(np.concatenate([b[share] for b in batches[at:at + per]]))
 
 
-def featurize_train(task, ds, tokenizer, config, key: str, spec: str):
+def featurize(task, ds, tokenizer, config, key: str, spec: str):
     """A labelled split's features for training and its loss-based eval: the whole split tokenized (1 process), or
     this process's share scanned, the summaries gathered and the token rows made on demand (several processes; see
     the module's text). Not for outputs that need every text (predictions files, decoding)."""
