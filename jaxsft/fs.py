@@ -41,16 +41,22 @@ def path(p) -> AnyPath:
     text = p if isinstance(p, str) else os.fspath(p)
     if not is_remote(text):
         return Path(text)
-    scheme = text.split("://", 1)[0]
-    if scheme not in SCHEMES:
-        raise UserError(f"{text}: {scheme}:// is not supported; use a local folder or gs://bucket/path")
-    try:
-        import gcsfs  # noqa: F401 - epath's fsspec backend needs it for gs://
-    except ImportError:
-        raise UserError(f"{text}: gs:// workdirs need gcsfs: pip install 'jaxsft[gcs]'") from None
+    _check_url(text, "folder", "workdirs")
     from etils import epath
 
     return p if isinstance(p, epath.Path) else epath.Path(text)
+
+
+def _check_url(text: str, local: str, what: str) -> None:
+    """Refuses a URL of a scheme jaxsft cannot use, or gs:// without gcsfs, naming the fix (`local`: "folder" or
+    "file", the local alternative; `what`: what needs gcsfs, e.g. "workdirs")."""
+    scheme = text.split("://", 1)[0]
+    if scheme not in SCHEMES:
+        raise UserError(f"{text}: {scheme}:// is not supported; use a local {local} or gs://bucket/path")
+    try:
+        import gcsfs  # noqa: F401 - epath's fsspec backend needs it for gs://
+    except ImportError:
+        raise UserError(f"{text}: gs:// {what} need gcsfs: pip install 'jaxsft[gcs]'") from None
 
 
 def file_sizes(folder: AnyPath) -> dict[str, int]:
@@ -127,13 +133,10 @@ def local_file(p, key: str) -> Path:
     if not is_remote(text):
         return Path(text).expanduser()
     if text not in _downloads:
-        scheme = text.split("://", 1)[0]
-        if scheme not in SCHEMES:
-            raise UserError(f"{key}: {text}: {scheme}:// is not supported; use a local file or gs://bucket/path")
         try:
-            import gcsfs  # noqa: F401 - epath's fsspec backend needs it for gs://
-        except ImportError:
-            raise UserError(f"{key}: {text}: gs:// data files need gcsfs: pip install 'jaxsft[gcs]'") from None
+            _check_url(text, "file", "data files")
+        except UserError as e:
+            raise UserError(f"{key}: {e}") from None
         src = path(text)
         if not src.exists():
             raise UserError(f"{key}: file not found: {text}")

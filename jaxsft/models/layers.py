@@ -544,13 +544,18 @@ ACTIVATION_SHARDING = os.environ.get("JAXSFT_ACTIVATION_SHARDING", "1") != "0"
 
 
 @contextlib.contextmanager
-def activations_on(mesh):
-    """While a step is traced for `mesh`: `split_batch` pins activations to its batch axes (None: a no-op)."""
-    token = _STEP_MESH.set(mesh)
+def context_value(var: contextvars.ContextVar, value):
+    """`var` holds `value` inside the `with` block: what a function reads while it is being traced."""
+    token = var.set(value)
     try:
         yield
     finally:
-        _STEP_MESH.reset(token)
+        var.reset(token)
+
+
+def activations_on(mesh):
+    """While a step is traced for `mesh`: `split_batch` pins activations to its batch axes (None: a no-op)."""
+    return context_value(_STEP_MESH, mesh)
 
 
 def split_batch(x):

@@ -12,7 +12,6 @@ LoRA dropout needs a key inside the layer: `Functional.apply(..., rng=key)` publ
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import math
 import re
@@ -31,13 +30,9 @@ _KEY: contextvars.ContextVar = contextvars.ContextVar("jaxsft_lora_key", default
 ADAPTER_MARKERS = (".lora_A.", ".lora_B.")
 
 
-@contextlib.contextmanager
 def dropout_key(rng):
-    token = _KEY.set(rng)
-    try:
-        yield
-    finally:
-        _KEY.reset(token)
+    """The step's key for LoRA dropout inside the `with` block (Functional.apply publishes it)."""
+    return layers.context_value(_KEY, rng)
 
 
 class _LoRAMixin:
