@@ -96,11 +96,17 @@ def gather_parts(scan: Callable[[], dict]) -> dict:
     return merge([p for p, _ in results])
 
 
+WINDOW_TOKENS = 1 << 22  # rows kept made: about 4M token slots (~55 MB of arrays for causal-LM rows)
+
+
 class OnDemand:
     """Feature rows made when first asked for: `build(indices)` → one dict of fields per index (sorted, unique
-    indices in, in that order). Keeps at most `window` rows; `fetch` makes a whole batch's rows in one call."""
+    indices in, in that order). Keeps at most `window` rows (default: WINDOW_TOKENS / max_length); `fetch` makes a
+    whole batch's rows in one call."""
 
-    def __init__(self, n: int, build: Callable[[np.ndarray], list[dict]], window: int = 1 << 15):
+    def __init__(self, n: int, build: Callable[[np.ndarray], list[dict]], max_length: int = 128,
+                 window: int | None = None):
+        window = window or max(64, WINDOW_TOKENS // max(1, max_length))
         self.n, self.build, self.window, self.cache = n, build, window, {}
         self.built = 0  # rows made so far (a test checks a process makes only its share)
 
@@ -139,12 +145,13 @@ class Field(Sequence):
         return self.rows.row(i)[self.name]
 
 
-def prefetch(rows: OnDemand, batches: list[np.ndarray], at: int, share: slice, chunk: int = 2048) -> None:
+def prefetch(rows: OnDemand, batches: list[np.ndarray], at: int, share: slice, chunk: int | None = None) -> None:
     """When batch `at`'s rows in `share` (this process's) are not made yet, makes those of the batches from `at` on,
-    about `chunk` rows in one call (one data set read and tokenizer call instead of one per batch)."""
+    about `chunk` rows (default: a quarter of the window) in one call: one data set read and tokenizer call
+    instead of one per batch."""
     if all(int(i) in rows.cache for i in batches[at][share]):
         return
-    per = max(1, chunk // max(1, share.stop - share.start))
+    per = max(1, (chunk or rows.window // 4) // max(1, share.stop - share.start))
     rows.fetch(np.concatenate([b[share] for b in batches[at:at + per]]))
 
 

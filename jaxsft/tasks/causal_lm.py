@@ -378,7 +378,7 @@ def from_scan(meta: dict, ds, tokenizer, config, key: str, spec: str) -> Feature
         at = {int(e): j for j, e in enumerate(need)}
         return [_row([ids[at[int(e)]] for e in members[r]], [loss[at[int(e)]] for e in members[r]]) for r in indices]
 
-    rows = sharded.OnDemand(len(members), build)
+    rows = sharded.OnDemand(len(members), build, config.max_length)
     f = Features(rows.field("input_ids"), rows.field("segment_ids"), rows.field("positions"),
                  rows.field("loss_tokens"), members, np.asarray([meta["lengths"][m].sum() for m in members],
                                                                 dtype=np.int64),

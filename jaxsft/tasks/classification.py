@@ -149,7 +149,7 @@ def from_scan(meta: dict, ds, tokenizer, config, key: str, spec: str) -> Feature
         f = featurize(ds.select(indices), tokenizer, config, key, spec, need_labels=True)
         return [{"input_ids": a, "token_type_ids": b} for a, b in zip(f.input_ids, f.token_type_ids)]
 
-    rows = sharded.OnDemand(len(meta["lengths"]), build)
+    rows = sharded.OnDemand(len(meta["lengths"]), build, config.max_length)
     return Features(rows.field("input_ids"), rows.field("token_type_ids"), meta["labels"], None, meta["lengths"],
                     meta["num_empty"], meta["num_truncated"], sharded.duplicates(meta["keys"]), on_demand=rows)
 

@@ -137,7 +137,7 @@ def from_scan(meta: dict, ds, tokenizer, config, key: str, spec: str) -> Feature
         return [{"input_ids": a, "labels": b, "sources": c, "references": d}
                 for a, b, c, d in zip(f.input_ids, f.labels, f.sources, f.references)]
 
-    rows = sharded.OnDemand(len(meta["lengths"]), build)
+    rows = sharded.OnDemand(len(meta["lengths"]), build, config.max_length)
     start = config.model.get("decoder_start_token_id")
     start = tokenizer.pad_token_id if start is None else int(start)
     f = Features(rows.field("input_ids"), rows.field("labels"), meta["lengths"], meta["target_lengths"],
