@@ -378,8 +378,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
             evals = task.featurize(eval_ds, tokenizer, config, eval_key, config.data.eval or config.data.train,
                                    need_labels=True)
         else:  # the eval loss and metrics need only lengths and labels everywhere: shared out like the training set
-            evals = sharded.featurize(task, eval_ds, tokenizer, config, eval_key,
-                                            config.data.eval or config.data.train)
+            evals = sharded.featurize(task, eval_ds, tokenizer, config, eval_key, config.data.eval or config.data.train)
     if hasattr(task, "set_label_config"):
         task.set_label_config(hf_config, config)
     if config.model.from_scratch:  # the architecture only: fresh random weights (HF initialisation ranges)

@@ -161,7 +161,7 @@ def featurize(task, ds, tokenizer, config, key: str, spec: str):
     the module's text). Not for outputs that need every text (predictions files, decoding)."""
     import jax
 
-    if jax.process_count() == 1 or not hasattr(task, "scan"):
+    if jax.process_count() == 1:
         return task.featurize(ds, tokenizer, config, key, spec, need_labels=True)
     rows = part_of(len(ds), jax.process_count(), jax.process_index())
     meta = gather_parts(lambda: scan_part(task, ds, tokenizer, config, key, spec, rows))
