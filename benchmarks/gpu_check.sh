@@ -1,41 +1,78 @@
 #!/usr/bin/env bash
-# Device check for issue 6 "Speed on the accelerator": one short script for a session that is lent a GPU.
-# Installs nothing. About 6-8 minutes on one H200: imports and versions (~20 s), the cuDNN packed-attention check
-# against the dense mask (~30 s), then benchmarks/throughput.py's full table with one peer (gpu_baseline.py without
-# torch.compile) beside it (~5-6 min). Everything lands in $OUT (the device tool fetches it).
+# Device check for issue 6 "Speed on the accelerator", in ONE call of the device tool (kind nvidia-h200).
 #
-# Before the call, in the checkout:   echo /.peer/ >> .git/info/exclude; cp -r ../shared/perf .peer
-# The call:   run(command="bash benchmarks/gpu_check.sh", carry=[".peer"], timeout_s=540)
-set -u
+# Here first (PyPI access), once:   bash benchmarks/prepare_gpu_wheels.sh
+#   (.whl/: the wheels of benchmarks/gpu_wheels.txt, what the benchmark imports and the GPU image lacks;
+#    .peer/: a copy of ../shared/perf, the PyTorch peer. Both are git-ignored and travel with `carry`.)
+# Then:   run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".peer"], timeout_s=540)
+#
+# Steps, each under its own `timeout` (they add up to at most 510 s with the kill grace, so the whole fits a
+# 540 s call); the logs and tables land in ${OUT:-/tmp/gpu_check} (at most 8 files, what the device tool returns):
+#   1. installs .whl/*.whl into /tmp/site (pip --no-index; nothing else is installed)      20 s  summary.txt
+#   2. versions, devices, jaxsft's cuDNN packed attention against the dense mask
+#      (fwd + bwd, bf16, 8 x 2048, GQA 32/8 x 64; error and time)                           70 s  check.txt
+#   3. the PyTorch peer, .peer/gpu_baseline.py --only fast (no torch.compile), FIRST, so a
+#      table cut short still has its comparison                                             95 s  peer.txt, baseline.json
+#   4. benchmarks/throughput.py, the table (GPU_CHECK_CASES, default all five cases), each case
+#      in its own process, bounded by --budget 270; beside the peer's figures              300 s  throughput.txt/.json/.log
+# If the packed path fails or is inexact, the table runs with JAXSFT_PACKED_ATTENTION=0 (the dense-mask cuDNN path).
+# Exit status: throughput.py's (0 when every case ran), or 2 when .whl is missing, 1 when installing it failed.
+#
+# Options: --tiny   CPU smoke test of this script (small shapes everywhere; not a measurement)
+#          -h, --help
+# Environment: OUT (results folder), GPU_CHECK_CASES (comma-separated throughput.py cases, e.g. bert32,bert256
+# for a second call when the first ran out of budget).
+set -euo pipefail
 cd "$(dirname "$0")/.."
+
+TINY=()
+case "${1:-}" in
+  -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
+  --tiny) TINY=(--tiny) ;;
+  "") ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh [--tiny] [-h|--help]" >&2; exit 2 ;;
+esac
+
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
 T0=$(date +%s)
-elapsed() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+elapsed() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/summary.txt"; }
 
-elapsed "imports"
-timeout 120 python - <<'PY' 2>&1 | tee "$OUT/imports.txt"
-import importlib, jax
-for m in ("jax", "jaxlib", "flax", "optax", "ml_collections", "transformers", "numpy", "orbax.checkpoint"):
+# ---- 1. the wheels ---------------------------------------------------------------------------------------------
+if ! compgen -G ".whl/*.whl" > /dev/null; then
+  echo "gpu_check.sh: no wheels in .whl/: run benchmarks/prepare_gpu_wheels.sh first (on a machine with PyPI" \
+       "access), then name .whl in the device call's carry" | tee -a "$OUT/summary.txt" >&2
+  exit 2
+fi
+elapsed "installing $(printf '%s ' .whl/*.whl)into /tmp/site"
+if ! timeout -k 5 20 python3 -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
+    --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+  elapsed "installing .whl/*.whl failed"
+  exit 1
+fi
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+# ---- 2. versions and the packed attention check ----------------------------------------------------------------
+elapsed "versions + packed attention: cuDNN packed path vs dense mask (fwd + bwd, bf16, GQA 32/8 x 64)"
+rc_check=0
+GPU_CHECK_TINY=${#TINY[@]} timeout -k 5 70 python3 - <<'PY' 2>&1 | tee "$OUT/check.txt" || rc_check=$?
+import importlib, os, sys, time
+for m in ("jax", "jaxlib", "flax", "optax", "ml_collections", "transformers", "numpy", "orbax.checkpoint", "torch"):
     try:
-        print(m, getattr(importlib.import_module(m), "__version__", "?"))
+        mod = importlib.import_module(m)
+        print(m, getattr(mod, "__version__", "?"), os.path.dirname(getattr(mod, "__file__", None) or "?"))
     except Exception as e:  # noqa: BLE001
         print(m, "MISSING", type(e).__name__, e)
-print("devices", jax.devices())
+import jax, jax.numpy as jnp, numpy as np
+print("python", sys.version.split()[0], "| devices", jax.devices())
 from jaxsft.models import layers
 print("cudnn packed kernel importable:", layers._cudnn_packed() is not None, "| used:", layers.use_packed_attention())
-PY
-
-elapsed "packed attention: cuDNN packed path vs dense mask (fwd + bwd, bf16, 8x2048, GQA 32/8 x 64)"
-timeout 150 python - <<'PY' 2>&1 | tee "$OUT/packed_attention.txt"
-import time, jax, jax.numpy as jnp, numpy as np
-from jaxsft.models import layers
-B, T, N, K, H = 8, 2048, 32, 8, 64
+tiny = os.environ.get("GPU_CHECK_TINY") == "1"
+B, T, N, K, H = (2, 256, 4, 2, 16) if tiny else (8, 2048, 32, 8, 64)
 rng = np.random.default_rng(0)
 seg = np.zeros((B, T), np.int32)
 for b in range(B):  # 5-7 segments, then padding
-    cuts = np.sort(rng.choice(np.arange(64, T - 64), size=6, replace=False))
+    cuts = np.sort(rng.choice(np.arange(T // 32, T - T // 32), size=6, replace=False))
     for s, (lo, hi) in enumerate(zip(np.r_[0, cuts[:-1]], cuts)):
         seg[b, lo:hi] = s + 1
 seg = jnp.asarray(seg)
@@ -53,11 +90,10 @@ def fb(m, impl):
         o, vjp = jax.vjp(lambda q, k, v: layers.attention(q, k, v, m, implementation=impl), q, k, v)
         return o, vjp(do.astype(o.dtype))
     return jax.jit(f)
-ref = fb(dense, "xla")
-ref_o, ref_g = ref(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
-print("fits", bool(packed.fits))
-for name, m, impl in (("packed (PackedMask, cuDNN)", packed, None), ("dense mask cuDNN", dense, "cudnn"),
-                      ("dense mask XLA", dense, "xla")):
+ref_o, ref_g = fb(dense, "xla")(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
+print(f"shape B={B} T={T} heads {N}/{K} x {H}; fits", bool(packed.fits))
+for name, m, impl in (("packed (PackedMask, cuDNN)", packed, None),
+                      ("dense mask XLA (--tiny)" if tiny else "dense mask cuDNN", dense, "xla" if tiny else "cudnn")):
     try:
         f = fb(m, impl)
         o, g = jax.block_until_ready(f(q, k, v))
@@ -66,7 +102,8 @@ for name, m, impl in (("packed (PackedMask, cuDNN)", packed, None), ("dense mask
             out = f(q, k, v)
         jax.block_until_ready(out)
         ms = (time.perf_counter() - t) / 20 * 1e3
-        err = lambda a, b: float(jnp.linalg.norm(jnp.where(real, a.astype(jnp.float32) - b, 0)) / jnp.linalg.norm(jnp.where(real, b, 0)))
+        err = lambda a, b: float(jnp.linalg.norm(jnp.where(real, a.astype(jnp.float32) - b, 0))
+                                 / jnp.linalg.norm(jnp.where(real, b, 0)))
         errs = (err(o, ref_o), err(g[0], ref_g[0]), err(g[1], ref_g[1]), err(g[2], ref_g[2]))
         print(f"{name:<28} {ms:7.2f} ms  rel.err out {errs[0]:.2e}  dq {errs[1]:.2e}  dk {errs[2]:.2e}  "
               f"dv {errs[3]:.2e}")
@@ -75,12 +112,31 @@ for name, m, impl in (("packed (PackedMask, cuDNN)", packed, None), ("dense mask
     except Exception as e:  # noqa: BLE001
         print(f"{name:<28} failed: {type(e).__name__}: {str(e)[:300]}")
 PY
-
-if ! grep -q PACKED_OK "$OUT/packed_attention.txt"; then  # keep the table measurable: the dense-mask path
+elapsed "check done (exit $rc_check)"
+if ! grep -q PACKED_OK "$OUT/check.txt"; then  # keep the table measurable: the dense-mask path
   export JAXSFT_PACKED_ATTENTION=0
   elapsed "cuDNN packed path failed or inexact: the table runs with JAXSFT_PACKED_ATTENTION=0"
 fi
-elapsed "throughput table + gpu_baseline peer"
-timeout 420 python benchmarks/throughput.py --json "$OUT/throughput.json" --peers .peer --peer-scripts gpu_baseline \
-    --peer-quick --peer-timeout 200 2> "$OUT/throughput.log" | tee "$OUT/throughput.txt"
-elapsed "done (exit $?)"
+
+# ---- 3. the PyTorch peer, first ----------------------------------------------------------------------------------
+rc_peer=0
+PEER_ARGS=()
+if [ -f .peer/gpu_baseline.py ]; then
+  elapsed "peer: .peer/gpu_baseline.py --only fast (HF + PyTorch eager, no torch.compile)"
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -k 5 95 python3 .peer/gpu_baseline.py --out "$OUT" --only fast \
+      "${TINY[@]}" 2>&1 | tee "$OUT/peer.txt" || rc_peer=$?
+  elapsed "peer done (exit $rc_peer)"
+  PEER_ARGS=(--peer-results "$OUT" --peer-scripts gpu_baseline)
+else
+  elapsed "no .peer/gpu_baseline.py (prepare_gpu_wheels.sh copies ../shared/perf there): no peer"
+fi
+
+# ---- 4. the table ------------------------------------------------------------------------------------------------
+CASES=${GPU_CHECK_CASES:-llama,llama_tuned,llama_packed,bert32,bert256}
+elapsed "throughput table: $CASES"
+rc_table=0
+timeout -k 5 300 python3 benchmarks/throughput.py --json "$OUT/throughput.json" --cases "$CASES" --budget 270 \
+    --case-timeout 150 "${PEER_ARGS[@]}" "${TINY[@]}" 2> "$OUT/throughput.log" | tee "$OUT/throughput.txt" \
+    || rc_table=$?
+elapsed "done: check exit $rc_check, peer exit $rc_peer, table exit $rc_table (124: timed out)"
+exit "$rc_table"

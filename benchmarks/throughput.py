@@ -28,7 +28,9 @@ Columns: throughput (tokens/s or sequences/s), TFLOP/s (per token 6 x matmul par
 Each case runs in its own process (peak memory is then the case's own; --no-isolate runs them in this one; --tiny
 runs them in this one unless --isolate).
 `--peers DIR` runs the peer scripts of DIR (gpu_baseline.py, jax_llama_ref.py, hf_padded_sft.py; --peer-scripts
-picks) in separate processes and prints their figures beside ours with the ratio ours / peer.
+picks) in separate processes after the cases and prints their figures beside ours with the ratio ours / peer;
+`--peer-results DIR` reads the JSON files such a run wrote earlier instead (benchmarks/gpu_check.sh runs the peer
+first). `--budget SECONDS` bounds the whole run: cases that no longer fit are reported as skipped, the table printed.
 """
 
 from __future__ import annotations
@@ -357,6 +359,21 @@ def run_peers(folder: Path, scripts: list[str], tiny: bool, timeout: int, quick:
     return out
 
 
+def load_peers(folder: Path, scripts: list[str]) -> dict:
+    """{script: its JSON results} read from files a peer run wrote before (--peer-results: gpu_check.sh runs the
+    PyTorch peer first, so a table cut short still has its comparison); {"error": ...} where the file is missing."""
+    out = {}
+    for script in scripts:
+        path = folder / PEERS[script]
+        try:
+            out[script] = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            out[script] = {"error": f"{path}: {type(e).__name__}: {e}"}
+        if "error" in out[script]:
+            print(f"peer {script}: {out[script]['error']}", file=sys.stderr, flush=True)
+    return out
+
+
 def peer_rows(case: str, result: dict, peers: dict) -> list[dict]:
     rows = []
     for script, key, fld, label in PEER_MAP.get(case, []):
@@ -410,6 +427,12 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-scripts", default=",".join(PEERS), help="which peer scripts (--peers)")
     ap.add_argument("--peer-timeout", type=int, default=900)
     ap.add_argument("--peer-quick", action="store_true", help="gpu_baseline without its torch.compile run")
+    ap.add_argument("--peer-results", default=None, metavar="DIR",
+                    help="read the peers' JSON files (baseline.json, ...) from DIR, written by an earlier run of "
+                         "the peer scripts (--peer-scripts picks), instead of running them (--peers)")
+    ap.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                    help="wall-clock budget of the whole run: each isolated case gets at most what is left, cases "
+                         "that no longer fit are reported as skipped, and the table is still printed")
     ap.add_argument("--ceiling-n", type=int, default=None, help="matmul size for the ceiling (8192; 512 --tiny)")
     ap.add_argument("--isolate", dest="isolate", action="store_true", default=None,
                     help="each case in its own process (default, except with --tiny)")
@@ -427,6 +450,11 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
 
+    if a.peers and a.peer_results:
+        ap.error("--peers runs the peer scripts, --peer-results reads their results: one or the other")
+    peer_scripts = [s.strip() for s in a.peer_scripts.split(",") if s.strip()]
+    if [s for s in peer_scripts if s not in PEERS]:
+        ap.error(f"unknown peer script(s) {[s for s in peer_scripts if s not in PEERS]}; known: {', '.join(PEERS)}")
     size = "small" if a.small else a.tiny
     if a.child:  # one case in this process: print its result as the last line
         try:
@@ -438,6 +466,7 @@ def main(argv=None) -> int:
 
     if a.isolate is None:
         a.isolate = not (a.tiny or a.small)
+    started = time.monotonic()
     if a.isolate or a.peers:  # other processes share the device: this one (the ceiling) must not take 75% of it,
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # and the cases (inheriting it) neither
     import jax
@@ -459,18 +488,22 @@ def main(argv=None) -> int:
     results = []
     for case in cases:
         t = time.perf_counter()
-        if a.isolate:
+        left = None if a.budget is None else a.budget - (time.monotonic() - started)
+        if left is not None and left < 20:
+            result = {"case": case, "error": f"skipped: the --budget of {a.budget:.0f} s is spent"}
+        elif a.isolate:
+            case_timeout = a.case_timeout if left is None else max(1, min(a.case_timeout, int(left - 5)))
             cmd = [sys.executable, __file__, "--child", case, *(["--tiny"] if a.tiny else []),
                    *(["--small"] if a.small else []), *(["--memory-analysis"] if a.memory_analysis else []),
                    *([f"--steps={a.steps}"] if a.steps else []), *(f"--set={s}" for s in a.set),
                    *(f"--hf={s}" for s in a.hf)]
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.case_timeout)
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=case_timeout)
                 lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
                 result = json.loads(lines[-1][7:]) if lines else \
                     {"case": case, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"}
             except subprocess.TimeoutExpired:
-                result = {"case": case, "error": f"timed out after {a.case_timeout} s"}
+                result = {"case": case, "error": f"timed out after {case_timeout} s"}
         else:
             try:
                 result = run_case(case, size, sets, a.steps, a.memory_analysis, hf_sets)
@@ -482,9 +515,11 @@ def main(argv=None) -> int:
         write_json()
 
     peers = None
-    if a.peers:
-        scripts = [s.strip() for s in a.peer_scripts.split(",") if s.strip()]
-        peers = run_peers(Path(a.peers).resolve(), scripts, a.tiny, a.peer_timeout, a.peer_quick)
+    if a.peers or a.peer_results:
+        if a.peer_results:
+            peers = load_peers(Path(a.peer_results), peer_scripts)
+        else:
+            peers = run_peers(Path(a.peers).resolve(), peer_scripts, a.tiny, a.peer_timeout, a.peer_quick)
         for r in results:
             r["peers"] = peer_rows(r["case"], r, peers)
     print(f"device: {dev.platform} {dev.device_kind} x{jax.device_count()}; jax {jax.__version__}"
