@@ -175,6 +175,8 @@ class DecoderModel(nnx.Module):
             segment_ids = jnp.where(attention_mask == 0, 0, segment_ids)
 
         def mask_of(window):  # packed rows on GPU: the layout of cuDNN's packed kernel rides along
+            if packed and window is not None and window >= input_ids.shape[1]:  # longer than the row: hides nothing
+                window = None
             return packed_mask(segment_ids, mask_for(None)) if packed and window is None else mask_for(window)
 
         if self.scan_layers:

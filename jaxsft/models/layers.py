@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 import os
 from typing import NamedTuple
@@ -148,14 +149,176 @@ def _cudnn_packed():
         return None
 
 
+# ---- segment masks for splash attention (TPU; jaxsft.models.splash) ---------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SegmentMask:
+    """A mask given by per-token segment ids, as Pallas splash attention takes it (no (B, 1, T, S) array): query t
+    sees key s iff q_segments[t] == kv_segments[s] and, when `causal`, s <= t and (with a sliding `window`)
+    t - s < window. Made on TPU only (`causal_segment_mask`); attention() hands it to splash where the kernel
+    takes the call, and uses `dense` (the same mask as a boolean (B, 1, T, S)) everywhere else."""
+
+    q_segments: jax.Array  # int32 (B, T)
+    kv_segments: jax.Array  # int32 (B, S)
+    causal: bool = dataclasses.field(default=True, metadata={"static": True})
+    window: int | None = dataclasses.field(default=None, metadata={"static": True})
+
+    @property
+    def dense(self):
+        visible = self.q_segments[:, :, None] == self.kv_segments[:, None, :]
+        if self.causal:
+            qi = jnp.arange(self.q_segments.shape[1], dtype=jnp.int32)[:, None]
+            ki = jnp.arange(self.kv_segments.shape[1], dtype=jnp.int32)[None, :]
+            visible &= ki <= qi
+            if self.window is not None:
+                visible &= ki > qi - self.window
+        return visible[:, None]
+
+
+def causal_segment_mask(segments, window: int | None = None):
+    """Causal self-attention over T slots of (B, T) segments (0: padding), uncached: `causal_mask`'s mask, as a
+    SegmentMask on TPU (each padding token its own segment, a unique negative id, so it sees itself alone, as
+    `causal_mask` lets it) and as the dense array elsewhere."""
+    if platform() != "tpu":
+        index = jnp.arange(segments.shape[1], dtype=jnp.int32)[None]
+        return causal_mask(segments, segments, index, index, window)
+    seg = segments.astype(jnp.int32)
+    ids = jnp.where(seg == 0, -1 - jnp.arange(seg.shape[1], dtype=jnp.int32)[None], seg)
+    return SegmentMask(ids, ids, True, window)
+
+
+def _splash(q, k, v, mask, bias, no_dropout: bool, scale: float, forced: bool):
+    """Splash attention's output where the kernel takes the call (a SegmentMask, a (B, 1, 1, S) key-padding mask
+    or none; sequence lengths multiples of 128; no bias, no dropout); None otherwise, or an error when `forced`
+    (implementation="splash")."""
+    from jaxsft.models import splash
+
+    b, t, s = q.shape[0], q.shape[1], k.shape[1]
+    if isinstance(mask, SegmentMask):
+        q_seg, kv_seg, causal, window = mask.q_segments, mask.kv_segments, mask.causal, mask.window
+    elif mask is None:
+        q_seg = kv_seg = None
+        causal, window = False, None
+    elif getattr(mask, "ndim", 0) == 4 and mask.shape[1] == 1 and mask.shape[2] == 1 and mask.dtype == jnp.bool_:
+        # Key padding (encoders, cross-attention): every query sees the real keys; a row without any (batch
+        # filler) sees every key instead of none (finite, as XLA's uniform average over it is; ignored downstream).
+        keys = jnp.broadcast_to(mask.reshape(mask.shape[0], s), (b, s))
+        kv_seg = jnp.where(keys.any(axis=1, keepdims=True), keys, True).astype(jnp.int32)
+        q_seg, causal, window = jnp.ones((b, t), jnp.int32), False, None
+    else:
+        causal = window = None
+    dense = f"a dense mask of shape {mask.shape}" if hasattr(mask, "shape") else f"a {type(mask).__name__}"
+    reason = (dense if causal is None else
+              splash.unsupported(q, k, v, bias=bias, dropout=not no_dropout, causal=causal, window=window))
+    if reason is not None:
+        if forced:
+            raise ValueError(f"splash attention cannot take this call: {reason}")
+        if reason not in _WARNED:  # said once per reason, never silently
+            _WARNED.add(reason)
+            import logging
+
+            logging.getLogger("jaxsft").warning("attention: XLA instead of splash (%s)", reason)
+        return None
+    return splash.attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=causal, window=window,
+                            scale=scale, mesh=_STEP_MESH.get())
+
+
+# ---- which platform the step is built for ------------------------------------------------------------------------
+
+_PLATFORM: contextvars.ContextVar = contextvars.ContextVar("jaxsft_platform", default=None)
+
+
+def target_platform(name: str | None):
+    """Inside the `with` block, attention dispatches as on `name` ("gpu" | "tpu" | "cpu") whatever this process
+    runs on: how a step is lowered for CUDA (`jax.export(..., platforms=["cuda"])`) or compiled for a TPU
+    topology on a CPU host."""
+    return context_value(_PLATFORM, {"cuda": "gpu", "rocm": "gpu"}.get(name, name))
+
+
+def platform() -> str:
+    """The platform the traced step will run on: `target_platform`'s, else the step mesh's devices', else JAX's
+    default backend."""
+    name = _PLATFORM.get()
+    if name is not None:
+        return name
+    mesh = _STEP_MESH.get()
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    return jax.default_backend()
+
+
 def use_packed_attention() -> bool:
     """Whether decoders hand attention() a PackedMask: on GPU, where cuDNN's packed kernel exists, unless the
     environment says JAXSFT_PACKED_ATTENTION=0 (then the dense segment mask goes to cuDNN, as before)."""
-    import os
-
     if os.environ.get("JAXSFT_PACKED_ATTENTION", "1") == "0":
         return False
-    return jax.default_backend() == "gpu" and _cudnn_packed() is not None
+    return platform() == "gpu" and _cudnn_packed() is not None
+
+
+_WARNED: set = set()
+
+
+def _fallback(reason: str) -> str:
+    """XLA attention where cuDNN cannot take the call: said once per reason, never silently."""
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        import logging
+
+        logging.getLogger("jaxsft").warning("attention: XLA instead of cuDNN (%s)", reason)
+    return "xla"
+
+
+def attention_kernel(q, k, *, biased: bool, implementation: str | None = None) -> str:
+    """"cudnn" | "xla": the kernel a dropout-free attention call takes. On GPU with half-precision inputs, cuDNN's
+    fused attention unless its rules refuse the shapes (head dim a multiple of 8 up to 128 (256 from Hopper on;
+    jaxsft keeps to 128 so one step fits every GPU), and with an additive bias, even query and key lengths,
+    which its backward pass needs); XLA elsewhere."""
+    if implementation is not None:
+        return implementation
+    if platform() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return "xla"
+    d = q.shape[-1]
+    if d % 8 or d > 128:
+        return _fallback(f"head dim {d} is not a multiple of 8 up to 128")
+    if biased and (q.shape[1] % 2 or k.shape[1] % 2):
+        return _fallback(f"odd sequence length {q.shape[1]}x{k.shape[1]} with a bias or mask")
+    return "cudnn"
+
+
+def _xla_attention(q, k, v, mask, bias, scale):
+    if bias is not None:  # XLA adds it to float32 scores
+        bias = bias.astype(F32)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="xla")
+
+
+def _right_padded_lengths(mask):
+    """(lengths (B,) int32, whether every row of the (B, 1, 1, S) key-padding mask is 1...1 0...0)."""
+    keys = mask.reshape(mask.shape[0], mask.shape[-1])
+    lengths = keys.sum(axis=-1, dtype=jnp.int32)
+    right = (keys == (jnp.arange(keys.shape[1], dtype=jnp.int32)[None] < lengths[:, None])).all()
+    return lengths, right
+
+
+def _cudnn_attention(q, k, v, mask, bias, scale):
+    """cuDNN's fused attention with the mask in a form it takes. A key-padding mask (B, 1, 1, S) becomes key
+    lengths (cuDNN's padding mask: no bias tensor, no T % 2 rule) when every row is right-padded, as jaxsft's
+    batches are; other rows take XLA (exact, never cuDNN's bias layout check: `Bias must have same seq length as
+    QKV`). Any other mask is broadcast to (B, 1, T, S) and added as a bias."""
+    if bias is not None:
+        bias = bias.astype(q.dtype)
+    if mask is not None and mask.shape[-2] == 1 and mask.ndim == 4 and mask.shape[1] == 1:
+        lengths, right = _right_padded_lengths(mask)
+
+        def padded(q, k, v):  # an all-padding row (batch filler) reads key 0: finite, and ignored downstream
+            return jax.nn.dot_product_attention(q, k, v, bias=bias, key_value_seq_lengths=jnp.maximum(lengths, 1),
+                                                scale=scale, implementation="cudnn")
+
+        return jax.lax.cond(right, padded, lambda q, k, v: _xla_attention(q, k, v, mask, bias, scale), q, k, v)
+    if mask is not None:
+        b, t, s = q.shape[0], q.shape[1], k.shape[1]
+        mask = jnp.broadcast_to(mask, (b if mask.shape[0] != 1 else 1, 1, t, s))
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn")
 
 
 def attention(q, k, v, mask, *, bias=None, dropout_rate: float = 0.0, rng=None, scale: float | None = None,
@@ -166,30 +329,39 @@ def attention(q, k, v, mask, *, bias=None, dropout_rate: float = 0.0, rng=None, 
     relative position bias).
 
     Training with attention-probability dropout takes the explicit path (no fused kernel has dropout); otherwise
-    `jax.nn.dot_product_attention` runs cuDNN on GPU for half-precision inputs and XLA elsewhere, or the kernel
-    named by `implementation` ("xla" | "cudnn").
+    the kernel is `attention_kernel`'s choice for the platform the step is built for (`platform()`): cuDNN on GPU
+    for half-precision inputs, XLA elsewhere, or the kernel named by `implementation` ("xla" | "cudnn").
     `mask` may be a PackedMask (packed decoder rows): on GPU with half-precision inputs and no bias or dropout,
     cuDNN's packed kernel runs (segment lengths + starts; 0.93 ms vs 3.85 ms for the dense mask in the peer
     measurement, not yet measured inside jaxsft), falling back to the dense mask for rows it cannot describe;
     everywhere else its dense mask is used.
+    On TPU (or with implementation="splash") Pallas splash attention runs where it takes the call (`_splash`: a
+    SegmentMask, a key-padding mask or none; lengths multiples of 128; no bias, no dropout); else XLA, a
+    SegmentMask as its dense mask.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    no_dropout = not (rng is not None and dropout_rate > 0.0)
+    if implementation == "splash" or (implementation is None and platform() == "tpu"):  # TPU: Pallas splash
+        out = _splash(q, k, v, mask, bias, no_dropout, scale, forced=implementation == "splash")
+        if out is not None:
+            return out
+    if isinstance(mask, SegmentMask):
+        mask = mask.dense
     if isinstance(mask, PackedMask):
         fa = _cudnn_packed()
-        no_dropout = not (rng is not None and dropout_rate > 0.0)
-        if (fa is not None and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-                and bias is None and no_dropout and implementation in (None, "cudnn")):
+        if (fa is not None and no_dropout and bias is None
+                and attention_kernel(q, k, biased=True, implementation=implementation) == "cudnn"):
             def packed(q, k, v):
                 return fa.dot_product_attention(q, k, v, q_seqlen=mask.seqlens, kv_seqlen=mask.seqlens,
                                                 q_offsets=mask.offsets, kv_offsets=mask.offsets, scale=scale,
                                                 mask_type=fa.MaskType.CAUSAL)
 
             def dense(q, k, v):
-                return jax.nn.dot_product_attention(q, k, v, mask=mask.dense, scale=scale, implementation="cudnn")
+                return _cudnn_attention(q, k, v, mask.dense, None, scale)
 
             return jax.lax.cond(mask.fits, packed, dense, q, k, v)
         mask = mask.dense
-    if rng is not None and dropout_rate > 0.0:
+    if not no_dropout:
         b, t, h, d = q.shape
         kvh = k.shape[2]
         qg = q.reshape(b, t, kvh, h // kvh, d)  # query head i reads kv head i // (h // kvh), as HF's repeat_kv
@@ -200,11 +372,11 @@ def attention(q, k, v, mask, *, bias=None, dropout_rate: float = 0.0, rng=None, 
         probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, rng).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs.reshape(b, kvh, h // kvh, t, -1), v)
         return out.reshape(b, t, h, d)
-    if implementation is None and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-        implementation = "cudnn"
-    if bias is not None:  # XLA adds it to float32 scores; cuDNN wants the inputs' dtype
-        bias = bias.astype(q.dtype if implementation == "cudnn" else F32)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation)
+    padding_only = mask is not None and mask.ndim == 4 and mask.shape[1] == 1 and mask.shape[2] == 1
+    biased = bias is not None or (mask is not None and not padding_only)
+    if attention_kernel(q, k, biased=biased, implementation=implementation) == "cudnn":
+        return _cudnn_attention(q, k, v, mask, bias, scale)
+    return _xla_attention(q, k, v, mask, bias, scale)
 
 
 REMAT_POLICIES = ("none", "dots", "full")
@@ -353,6 +525,8 @@ def decoder_context(input_ids, attention_mask, positions, segment_ids, cache_ind
             positions = segment_positions(seg) if positions is None else positions
         q_seg = kv_seg = seg
         q_idx = kv_idx = jnp.arange(t, dtype=jnp.int32)[None]
+        if platform() == "tpu":  # segment ids for splash attention, no (B, 1, T, T) array
+            return positions.astype(jnp.int32), lambda window=None: causal_segment_mask(seg, window)
     return positions.astype(jnp.int32), lambda window=None: causal_mask(q_seg, kv_seg, q_idx, kv_idx, window)
 
 
@@ -471,7 +645,7 @@ def seq2seq_decoder_slots(decoder_input_ids, decoder_attention_mask, cache, cach
         slots = jnp.arange(t, dtype=jnp.int32)
         seg = jnp.ones((b, t), jnp.int32) if decoder_attention_mask is None else decoder_attention_mask
         seg = seg.astype(jnp.int32)
-        return slots, slots, causal_mask(seg, seg, slots[None], slots[None])
+        return slots, slots, causal_segment_mask(seg)  # the dense causal_mask; a SegmentMask on TPU
     q = jnp.asarray(cache_index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
     kv = jnp.arange(cache["layers.0.k"].shape[1], dtype=jnp.int32)
     return q, kv, jnp.broadcast_to(kv[None, :] <= q[:, None], (b, 1, t, kv.shape[0]))
