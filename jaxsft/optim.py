@@ -30,10 +30,14 @@ def schedule(config, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: dict) -> dict:
-    """Weight decay on matrices only: biases and LayerNorm/RMSNorm weights are excluded, as HF Trainer does."""
+    """Weight decay on matrices only, and on none whose path contains "bias": HF Trainer's rule
+    (`Trainer.get_decay_parameter_names`: no decay on LayerNorm/RMSNorm weights nor on any name containing
+    "bias", so T5's relative_attention_bias embedding and Marian's final_logits_bias are left alone). Every 1-D
+    parameter of our families is a bias or a norm scale; our paths equal the HF names but for the leaf
+    (kernel / scale / embedding for weight)."""
     from jaxsft.models import stacked_parts  # scanned layers: the leading layer axis does not count
 
-    return {k: getattr(v, "ndim", 0) - (stacked_parts(k) is not None) >= 2 and not k.endswith("final_logits_bias")
+    return {k: getattr(v, "ndim", 0) - (stacked_parts(k) is not None) >= 2 and "bias" not in k.lower()
             for k, v in params.items()}
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -107,4 +106,6 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_llama):
     a = run(decoding.Sampling(max_new_tokens=6, do_sample=True, temperature=2.0), 1)
     assert a == run(decoding.Sampling(max_new_tokens=6, do_sample=True, temperature=2.0), 1)
     assert a != run(decoding.Sampling(max_new_tokens=6, do_sample=True, temperature=2.0), 2)
-    assert jax.devices()  # decoding ran on the default backend
+    assert a != greedy  # temperature-2 sampling really samples
+    vocab = tok.vocab_size
+    assert all(len(row) <= 6 and all(0 <= t < vocab for t in row) for row in a)

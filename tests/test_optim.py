@@ -54,3 +54,85 @@ def test_unknown_optimizer_is_a_user_error():
     with pytest.raises(UserError, match="config.optimizer"):
         optim.make_optimizer(_config(optimizer="sgdd"), total_steps=10)
     assert isinstance(base_config(), ml_collections.ConfigDict) and base_config().optimizer == "adamw"
+
+
+def _tiny_hf(kind):
+    """(torch model, its config, our task) of a tiny random HF model of each family jaxsft builds."""
+    import transformers as tf
+
+    att = dict(num_attention_heads=4, num_key_value_heads=2)
+    dec = dict(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1, **att)
+    cases = {
+        "t5": (tf.T5ForConditionalGeneration, tf.T5Config(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=2,
+                                                          num_heads=4, feed_forward_proj="gated-gelu",
+                                                          tie_word_embeddings=False), "seq2seq"),
+        "marian": (tf.MarianMTModel, tf.MarianConfig(vocab_size=100, d_model=16, encoder_layers=1, decoder_layers=1,
+                                                     encoder_attention_heads=2, decoder_attention_heads=2,
+                                                     encoder_ffn_dim=32, decoder_ffn_dim=32,
+                                                     max_position_embeddings=64, pad_token_id=0,
+                                                     decoder_start_token_id=0), "seq2seq"),
+        "llama": (tf.LlamaForCausalLM, tf.LlamaConfig(**dec), "causal_lm"),
+        "qwen2": (tf.Qwen2ForCausalLM, tf.Qwen2Config(**dec), "causal_lm"),
+        "qwen3": (tf.Qwen3ForCausalLM, tf.Qwen3Config(**dec, head_dim=4), "causal_lm"),
+        "gpt2": (tf.GPT2LMHeadModel, tf.GPT2Config(vocab_size=100, n_embd=16, n_layer=1, n_head=4, n_positions=64,
+                                                   bos_token_id=0, eos_token_id=0), "causal_lm"),
+        "bert": (tf.BertForSequenceClassification, tf.BertConfig(vocab_size=100, hidden_size=16, intermediate_size=32,
+                                                                 num_hidden_layers=1, num_attention_heads=4,
+                                                                 num_labels=2), "classification"),
+    }
+    cls, cfg, task = cases[kind]
+    return cls(cfg), cfg, task
+
+
+@pytest.fixture(scope="module")
+def hf_trainer(tmp_path_factory):
+    """A transformers Trainer (never trained) whose get_decay_parameter_names is the oracle."""
+    pytest.importorskip("torch")
+    import transformers as tf
+
+    model, _, _ = _tiny_hf("llama")
+    args = tf.TrainingArguments(output_dir=str(tmp_path_factory.mktemp("trainer")), report_to="none", use_cpu=True)
+    return tf.Trainer(model=model, args=args)
+
+
+@pytest.mark.parametrize("kind", ["t5", "marian", "llama", "qwen2", "qwen3", "gpt2", "bert"])
+def test_decay_mask_equals_transformers_trainer_choice(kind, hf_trainer):
+    from flax import nnx
+
+    from jaxsft.models import build_model, flatten_state, hf_name
+
+    hf_model, hf_config, task = _tiny_hf(kind)
+    hf_names = {n for n, _ in hf_model.named_parameters(remove_duplicate=False)}
+    hf_decayed = set(hf_trainer.get_decay_parameter_names(hf_model))
+    params = flatten_state(nnx.to_pure_dict(nnx.state(build_model(hf_config, task, jnp.float32, 0), nnx.Param)))
+    mask = optim.decay_mask(params)
+    compared = 0
+    for path, v in params.items():
+        name, _ = hf_name(path)
+        if name in hf_names:  # the same parameter in transformers: the same choice
+            assert mask[path] == (name in hf_decayed), (path, v.shape, mask[path])
+            compared += 1
+        else:  # only Marian's final_logits_bias: a buffer in transformers (never trained, never decayed)
+            assert path == "final_logits_bias" and not mask[path]
+    assert compared >= len(params) - 1 and any(mask.values()) and not all(mask.values())
+    # the named cases, spelled out
+    biases = [p for p in params if "relative_attention_bias" in p or p.endswith("final_logits_bias")]
+    assert bool(biases) == (kind in ("t5", "marian")) and not any(mask[p] for p in biases)
+    assert all(mask[p] for p, v in params.items() if p.endswith((".kernel", ".embedding")) and p not in biases)
+    norms = [p for p in params if p.endswith(".scale") or "norm" in p.lower()]
+    assert norms and not any(mask[p] for p in norms)
+
+
+def test_decay_mask_of_scanned_layers_equals_the_per_layer_one():
+    pytest.importorskip("torch")
+    from flax import nnx
+
+    from jaxsft.models import build_model, flatten_state, stacked_parts, unstack_path
+
+    _, hf_config, _ = _tiny_hf("qwen2")  # q/k/v biases, RMSNorm scales, kernels, embedding
+    per_layer = optim.decay_mask(flatten_state(nnx.to_pure_dict(nnx.state(
+        build_model(hf_config, "causal_lm", jnp.float32, 0), nnx.Param))))
+    stacked = optim.decay_mask(flatten_state(nnx.to_pure_dict(nnx.state(
+        build_model(hf_config, "causal_lm", jnp.float32, 0, {"scan_layers": True}), nnx.Param))))
+    assert any(stacked_parts(p) for p in stacked)
+    assert {(unstack_path(p, 0) if stacked_parts(p) else p): m for p, m in stacked.items()} == per_layer
