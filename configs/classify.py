@@ -22,8 +22,7 @@ def get_config():
     c.model.name_or_path = _minilm()
     c.data.train = str(data / "train.tsv")
     c.data.eval = str(data / "eval.tsv")
-    c.data.text_fields = ["sentence"]
-    c.data.label_names = ["negative", "positive"]
+    c.data.text_fields = ["sentence"]  # labels: inferred from data.train (here negative / positive)
     c.max_length = 64
     c.batch_size = 16
     c.num_epochs = 5

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SENTINEL = "sentinel.txt"
+SENTINEL = "metrics.jsonl"  # a run's own file: a workdir holding other files is refused
 SENTINEL_TEXT = "a previous run's file: must survive a rejected command\n"
 GOOD_ROWS = [("a good film", "positive"), ("a bad film", "negative"), ("great music", "positive"),
              ("awful plot", "negative"), ("fine fine cast", "positive"), ("boring and weak", "negative")]
@@ -162,7 +162,8 @@ CASES = [
     Case("unknown-file-format", ("--config.data.train={xlsx}",), ("data.train", ".xlsx")),
     Case("missing-text-column", ("--config.data.train={no_text}",), ("data.train", "'sentence'")),
     Case("missing-label-column", ("--config.data.train={no_label}",), ("data.train", "'label'")),
-    Case("label-outside-label-names", ("--config.data.train={neutral}",), ("data.train", "'neutral'")),
+    Case("label-outside-label-names", ("--config.data.label_names=negative,positive", "--config.data.train={neutral}"),
+         ("data.train", "'neutral'")),
     Case("mixed-label-types", ("--config.data.label_names=[]", "--config.data.train={mixed}"),
          ("data.train", "mixed label types", "'label'", "int (row 2: 1)", "str (row 0: 'positive')")),
     Case("eval-label-unseen-in-train", ("--config.data.label_names=[]", "--config.data.eval={eval_neutral}"),

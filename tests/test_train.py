@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, synthetic_rows, write_tsv
+from conftest import ROOT, make_tiny_classifier, synthetic_rows, write_tsv
 
 from jaxsft import config as config_lib
 from jaxsft import pipeline
@@ -94,6 +94,71 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_bert_no_dropout, data,
     assert abs(one["eval_loss"] - acc["eval_loss"]) < 1e-5
     la, lb = events(tmp_path / "a", "loss"), events(tmp_path / "b", "loss")
     assert all(abs(x["loss"] - y["loss"]) < 1e-5 for x, y in zip(la, lb))
+
+
+def test_accumulation_is_a_global_token_mean_when_micro_batches_hold_unequal_loss_tokens():
+    """Causal LM, k=2: micro-batch 0 (rows 0, 2: strided) holds 3 loss tokens, micro-batch 1 (rows 1, 3) 40. The
+    accumulated step must equal one k=1 step over the whole batch (the mean over all 43 tokens), not the mean of
+    the two micro-batch means (which weighs 3 tokens like 40). Plain SGD, so the update is the gradient itself."""
+    import jax.numpy as jnp
+    import optax
+    import transformers as tf
+    from flax import nnx
+
+    from jaxsft import defaults, parallel
+    from jaxsft.models import Functional, build_model, flatten_state
+
+    vocab, seq = 97, 24
+    hf_config = tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                               initializer_range=0.2)
+    model = build_model(hf_config, "causal_lm", jnp.float32, 0)
+    params = flatten_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    functional, tx = Functional(model), optax.sgd(1.0)
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, vocab, (4, seq)).astype(np.int32)
+    loss_mask = np.zeros((4, seq), np.int32)
+    loss_mask[0, 5:7], loss_mask[2, 10] = 1, 1  # micro-batch 0: 3 loss tokens
+    loss_mask[1, 2:22], loss_mask[3, 3:23] = 1, 1  # micro-batch 1: 40 loss tokens
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "segment_ids": np.ones_like(ids),
+             "positions": np.tile(np.arange(seq, dtype=np.int32), (4, 1)), "targets": np.roll(ids, -1, axis=1),
+             "loss_mask": loss_mask, "weights": loss_mask.sum(1)}
+
+    def step_fn(k):  # as train.py builds it
+        c = defaults.base_config()
+        c.task, c.batch_size, c.gradient_accumulation_steps, c.max_length, c.mesh.data = "causal_lm", 4, k, seq, 1
+        mesh = train_lib.mesh_for(c)
+        fn = train_lib.make_train_step(functional, pipeline.task_module(c), tx, c, mesh)
+
+        def run(rows_with_loss):
+            b = {**batch, "loss_mask": loss_mask * np.isin(np.arange(4), rows_with_loss)[:, None]}
+            b["weights"] = b["loss_mask"].sum(1)
+            p = {n: jnp.array(v) for n, v in params.items()}  # fresh copies: the step donates its state
+            new, m = fn(pipeline.train_state(p, {}, tx.init(p)), parallel.to_global(b, mesh), np.int32(0))
+            flat = np.concatenate([np.asarray(new["params"][n]).ravel() for n in sorted(params)])
+            return flat, float(m["loss_sum"]), float(m["count"])
+
+        return run
+
+    acc, acc_loss, acc_count = step_fn(2)([0, 1, 2, 3])
+    one_step = step_fn(1)
+    one, one_loss, one_count = one_step([0, 1, 2, 3])
+    # Each micro-batch's own mean: the k=1 step with the other micro-batch's rows carrying no loss tokens.
+    micro = [one_step(rows) for rows in ([0, 2], [1, 3])]
+    assert acc_count == one_count == 43 and [m[2] for m in micro] == [3, 40]
+    assert abs(acc_loss - one_loss) <= 1e-5 * abs(one_loss)
+    mean_of_means = (micro[0][0] + micro[1][0]) / 2  # SGD: the params after a step on the mean of the two means
+
+    p0 = np.concatenate([np.asarray(params[n]).ravel() for n in sorted(params)])
+    scale = np.abs(p0).max()
+    np.testing.assert_allclose(acc, one, rtol=1e-6, atol=1e-6 * scale)  # the params after the step
+    update = np.linalg.norm(one - p0)
+    assert update > 1e-2 * np.linalg.norm(p0)  # the step moved the weights well beyond float32 rounding
+    assert np.linalg.norm(acc - one) < 1e-4 * update  # the update itself equals the whole batch's
+    # The mean of per-micro-batch means is a different update, far outside those tolerances.
+    assert np.linalg.norm(mean_of_means - one) > 0.1 * update
+    assert not np.allclose(mean_of_means, one, rtol=1e-6, atol=1e-6 * scale)
 
 
 def test_bfloat16_compute_trains_with_float32_master_weights(tiny_bert, data, tmp_path):
@@ -191,3 +256,36 @@ def test_default_job_reaches_80_percent_eval_accuracy(tmp_path):
     proc = run_cli("jaxsft.run", "--config", "configs/classify.py", "--workdir", tmp_path / "w")
     final = json.loads(proc.stdout.strip().splitlines()[-1])
     assert final["eval_accuracy"] >= 0.80, final
+
+
+@pytest.mark.slow  # three CLI runs + an export: ~60 s idle
+def test_regression_trains_evaluates_and_exports_to_transformers(tmp_path):
+    """model.num_labels=1 (README: MSE, Pearson/Spearman) end to end through the CLIs: run → evaluate →
+    export → transformers loads a regression head whose outputs equal jaxsft's predictions."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tiny_bert = make_tiny_classifier(tmp_path / "ckpt", num_labels=1)
+    rows = [(t, f"{(1.0 if lab == 'positive' else -1.0) + 0.1 * (i % 3):.2f}")
+            for i, (t, lab) in enumerate(synthetic_rows(72, seed=3))]
+    train, evals = write_tsv(tmp_path / "tr.tsv", rows[:56]), write_tsv(tmp_path / "ev.tsv", rows[56:])
+    w = tmp_path / "w"
+    run_cli("jaxsft.run", *cli_args(tiny_bert, train, evals, w, "--config.model.num_labels=1", "--config.max_steps=6",
+                                    "--config.batch_size=8"))
+    assert json.loads((w / "config.json").read_text())["data"]["label_names"] is None
+    ev = events(w, "eval_pearson")
+    assert ev and all({"eval_loss", "eval_spearman"} <= e.keys() for e in ev)
+    proc = run_cli("jaxsft.evaluate", "--workdir", w, "--predictions", tmp_path / "pred.jsonl")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"eval_loss", "eval_pearson", "eval_spearman"} <= result.keys()
+    preds = [json.loads(line)["prediction"] for line in open(tmp_path / "pred.jsonl")]
+    assert len(preds) == 16
+
+    run_cli("jaxsft.export", "--workdir", w, "--output", tmp_path / "hf")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert model.config.problem_type == "regression" and model.config.num_labels == 1
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        out = model(**tok([r[0] for r in rows[56:]], padding=True, truncation=True, max_length=64,
+                          return_tensors="pt")).logits[:, 0].numpy()
+    np.testing.assert_allclose(out, preds, atol=1e-4)

@@ -4,7 +4,11 @@ plain-text files (`train.en,train.de`, source first), hub specs, or prepared Ten
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import csv
+import itertools
+import json
 import logging
 import re
 from pathlib import Path
@@ -17,6 +21,18 @@ log = logging.getLogger("jaxsft")
 FORMATS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 TFDS_PREFIX = "tfds:"
 TFDS_EXTRA = "pip install 'jaxsft[tfds]' (tensorflow-datasets, array_record; no TensorFlow needed)"
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    """Logger `name` says nothing below CRITICAL inside the block."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -59,10 +75,12 @@ def load_source(spec: str, key: str, *, source_field: str = "source", target_fie
             if path.suffix.lower() == ".tsv":
                 kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
         try:
-            ds = datasets.load_dataset(builder, data_files=str(path.resolve()), split="train", **kwargs)
-        except Exception as e:  # malformed rows, bad JSON, ...
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"{key}: cannot read {spec}: {first}") from None
+            with _quiet("datasets"):  # its readers log their own error line; the one below says it all
+                ds = datasets.load_dataset(builder, data_files=str(path.resolve()), split="train", **kwargs)
+        except Exception as e:  # malformed rows, bad JSON, another encoding, only a header, ...
+            # datasets' own message hides the cause; a second pass over the file (only now) finds the line.
+            raise UserError(f"{key}: {diagnose(path, spec) or f'cannot read {spec}: {_root_cause(e)}'}") from None
+        _check_loaded(ds, builder, path, spec, key)
     else:
         name, _, split = spec.partition(":")
         parts = name.split("/")
@@ -85,6 +103,240 @@ def require_columns(ds, columns: list[str], key: str, spec: str, hint: str) -> N
                             f"set {hint}")
 
 
+class _Found(Exception):
+    """What a diagnostic pass found wrong with a file: one line, naming the file (and the line)."""
+
+
+def _root_cause(e: BaseException) -> str:
+    """The first line of the innermost exception behind `e` (datasets wraps the reader's own error)."""
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _not_utf8(spec: str, raw: bytes, err: UnicodeDecodeError | None, n: int) -> str:
+    if err is None:  # decoded, but holds NUL bytes: UTF-16/32 without a byte-order mark
+        return f"{spec} is not UTF-8 text (a NUL byte at line {n}, as UTF-16 has); re-encode it as UTF-8"
+    hint = ""
+    if n == 1 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        hint = ", a UTF-16 byte-order mark"
+    return f"{spec} is not UTF-8 (byte 0x{raw[err.start]:02x} at line {n}{hint}); re-encode it as UTF-8"
+
+
+def _text_lines(path: Path, spec: str):
+    """(line number, text) of each line of a UTF-8 file, counted as editors and `wc -l` do (split on "\n", the
+    "\n" kept); a leading UTF-8 byte-order mark is dropped. Raises _Found at the first byte that is not UTF-8."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _Found(_not_utf8(spec, raw, e, n)) from None
+            if "\0" in text:
+                raise _Found(_not_utf8(spec, raw, None, n))
+            yield n, text
+
+
+def _is_blank(line: str) -> bool:
+    return not line.strip("\r\n")
+
+
+def _csv_records(path: Path, spec: str, delimiter: str):
+    """(first line, fields) of each non-blank record, as pandas reads a GLUE TSV (tab, no quote processing) or a
+    CSV (quoted fields may span lines)."""
+    if delimiter == "\t":
+        for n, line in _text_lines(path, spec):
+            if not _is_blank(line):
+                yield n, line.rstrip("\r\n").split("\t")
+        return
+    lines = _text_lines(path, spec)
+    counter = {"n": 0}
+
+    def feed():
+        for n, line in lines:
+            counter["n"] = n
+            yield line
+
+    start = 1
+    for fields in csv.reader(feed()):
+        if fields:  # pandas skips blank lines
+            yield start, fields
+        start = counter["n"] + 1
+
+
+def _unclosed_quote(path: Path, spec: str) -> str | None:
+    """A CSV quote that is never closed swallows the rest of the file (pandas: "EOF inside string")."""
+    lines = (line for _, line in _text_lines(path, spec))
+    reader = csv.reader(lines, strict=True)
+    start = 1
+    try:
+        for _ in reader:
+            start = reader.line_num + 1
+    except csv.Error as e:
+        if "unexpected end of data" in str(e):
+            return f"{spec} line {start}: a quoted field (\") is never closed; the file ends inside it"
+    return None
+
+
+def _diagnose_table(path: Path, spec: str, delimiter: str) -> str | None:
+    what = "tab-separated" if delimiter == "\t" else "comma-separated"
+    header = None
+    rows = 0
+    for n, fields in _csv_records(path, spec, delimiter):
+        if header is None:
+            header = fields
+            continue
+        if len(fields) > len(header):  # fewer are read as empty fields
+            return f"{spec} line {n}: {len(fields)} {what} fields, the header has {len(header)}"
+        rows += 1
+    if header is None:
+        return f"{spec} has only blank lines"
+    if delimiter != "\t":
+        found = _unclosed_quote(path, spec)
+        if found:
+            return found
+    if rows == 0:
+        return f"{spec} has a header but no rows"
+    return None
+
+
+def _json_error(spec: str, n: int, e: json.JSONDecodeError) -> str:
+    return f"{spec} line {n}: invalid JSON ({e.msg} at column {e.colno})"
+
+
+def _json_kind(value) -> str:
+    return {list: "a JSON array", str: "a JSON string", bool: "a JSON boolean", type(None): "JSON null"}.get(
+        type(value), "a JSON number")
+
+
+def _diagnose_json(path: Path, spec: str) -> str | None:
+    """JSON lines (one object per line), or one JSON document (an array of objects), as datasets reads them."""
+    first = None
+    for n, line in _text_lines(path, spec):  # also checks the whole file is UTF-8
+        if first is None and line.strip():
+            first = (n, line)
+    if first is None:
+        return f"{spec} has only blank lines"
+    try:
+        json.loads(first[1])
+        lines_format = True
+    except json.JSONDecodeError:
+        lines_format = False  # one document over several lines
+    if not lines_format or first[1].lstrip().startswith("["):
+        text = path.read_text(encoding="utf-8-sig")
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            end = len(text.rstrip())
+            if e.pos >= end:  # e.g. a missing `]`: name the last line, not the one after it
+                return f"{spec} line {text.count(chr(10), 0, end) + 1}: invalid JSON (the file ends inside a " \
+                       f"value: {e.msg})"
+            return _json_error(spec, e.lineno, e)
+        if isinstance(doc, list) and not doc:
+            return f"{spec} has no rows (an empty JSON array)"
+        return None
+    rows = 0
+    for n, line in _text_lines(path, spec):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            return _json_error(spec, n, e)
+        if not isinstance(value, dict):
+            return f"{spec} line {n}: {_json_kind(value)}, not an object (one {{\"field\": value, ...}} per line)"
+        rows += 1
+    return None if rows else f"{spec} has no rows"
+
+
+def _diagnose_parquet(path: Path, spec: str) -> str | None:
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors name the cause
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"{spec} is not a readable Parquet file ({first})"
+    if meta.num_rows == 0:
+        return f"{spec} has no rows"
+    try:
+        pq.read_table(path)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"{spec} is a damaged Parquet file ({first})"
+    return None
+
+
+def diagnose(path: Path, spec: str) -> str | None:
+    """The first thing wrong with local data file `path` (the user's `spec` names it): `SPEC line N: reason`, or a
+    reason for the whole file; None if this pass finds nothing. Run only once the normal reader has failed, so
+    the happy path reads a file once."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tsv", ".csv"):
+            return _diagnose_table(path, spec, "\t" if suffix == ".tsv" else ",")
+        if suffix in (".json", ".jsonl"):
+            return _diagnose_json(path, spec)
+        if suffix == ".parquet":
+            return _diagnose_parquet(path, spec)
+    except _Found as found:
+        return str(found)
+    return None
+
+
+def _check_loaded(ds, builder: str, path: Path, spec: str, key: str) -> None:
+    """What datasets reads without an error but wrongly: CSV rows with more fields than the header (pandas makes
+    the first column an index), strings that are not UTF-8 (the JSON reader keeps the bytes). Cheap: column
+    names, and one C-speed pass over the loaded Arrow data for JSON."""
+    if builder == "csv" and any(c.startswith("__index_level_") for c in ds.column_names):
+        raise UserError(f"{key}: {diagnose(path, spec) or f'{spec}: its rows have more fields than the header'}")
+    if builder == "json":
+        import pyarrow as pa
+
+        try:
+            ds.data.table.validate(full=True)
+        except pa.ArrowInvalid as e:
+            raise UserError(f"{key}: {diagnose(path, spec) or f'cannot read {spec}: {_root_cause(e)}'}") from None
+
+
+def line_of_row(spec: str, key: str, row: int) -> int | None:
+    """The 1-based line (as an editor shows it) where data row `row` (0-based, in file order) of a TSV, CSV or
+    JSON-lines file, or of a line-aligned pair, starts; None where rows have no line (Parquet, a JSON array, hub and
+    TFDS data sets) or the file cannot be read. For messages only: it reads the file again."""
+    try:
+        if not spec or spec.startswith(TFDS_PREFIX) or row < 0:
+            return None
+        if "," in spec and (fs.is_remote(spec) or not Path(spec).expanduser().exists()):
+            return row + 1  # load_parallel: line i of each file is row i - 1
+        path = fs.local_file(spec, key)
+        suffix = path.suffix.lower()
+        if suffix in (".tsv", ".csv"):
+            records = _csv_records(path, spec, "\t" if suffix == ".tsv" else ",")
+            next(records, None)  # the header
+        elif suffix in (".json", ".jsonl"):
+            records = ((n, line) for n, line in _text_lines(path, spec) if line.strip())
+            first = next(records, None)
+            if first is None or first[1].lstrip().startswith("["):
+                return None
+            records = itertools.chain([first], records)
+        else:
+            return None
+        return next((n for i, (n, _) in enumerate(records) if i == row), None)
+    except Exception:  # noqa: BLE001 - only a message's detail
+        return None
+
+
+def where_row(spec: str, key: str, row: int) -> str:
+    """`train.tsv line 12 (row 10)` where the row has a line in the file, else `row 10`: for messages."""
+    line = line_of_row(spec, key, row)
+    return f"{spec} line {line} (row {row})" if line else f"row {row}"
+
+
 def _read_lines(path: Path, key: str, spec: str) -> list[str]:
     if not path.exists():
         raise UserError(f"{key}: file not found: {spec}")
@@ -94,8 +346,16 @@ def _read_lines(path: Path, key: str, spec: str) -> list[str]:
         raise UserError(f"{key}: {spec} is empty")
     try:
         text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{key}: {spec} is not UTF-8 text (byte {e.start})") from None
+    except UnicodeDecodeError:
+        try:
+            for _ in _text_lines(path, spec):
+                pass
+        except _Found as found:
+            raise UserError(f"{key}: {found}") from None
+        raise
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise UserError(f"{key}: {_not_utf8(spec, b'', None, line)}")
     # Split on "\n" only (as `wc -l` counts): str.splitlines would also break at U+2028, form feeds, ...
     lines = text.split("\n")
     if lines[-1] == "":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import optax
 from jaxsft import metrics as metrics_lib
 from jaxsft.data import sharded
 from jaxsft.data.batching import bucket_for, local_part, pad_rows
-from jaxsft.data.sources import require_columns
+from jaxsft.data.sources import require_columns, where_row
 from jaxsft.errors import UserError
 
 log = logging.getLogger("jaxsft")
@@ -57,6 +58,47 @@ def _label_kind(values: list, key: str, column: str):
     raise UserError(f"{key}: mixed label types in column {column!r}: {examples}; use one type for every label")
 
 
+def _number(v) -> float | None:
+    """`v` as a finite number (also a string that reads as one, as pandas leaves a TSV column holding `nan`)."""
+    if isinstance(v, (bool, int, float)):
+        return float(v) if math.isfinite(v) else None
+    if isinstance(v, str):
+        try:
+            x = float(v)
+        except ValueError:
+            return None
+        return x if math.isfinite(x) else None
+    return None
+
+
+_MISSING = {"", "nan", "na", "n/a", "null", "none", "inf", "+inf", "-inf", "infinity", "-infinity"}
+
+
+def _not_a_number(values: list, key: str, column: str, spec: str | None, first_row: int, regression: bool) -> None:
+    """Refuses a label that is not a number among numbers, naming its row and file line: in regression any
+    non-number; in classification NaN/inf, or a `nan`/`NA`/empty string in a column whose other labels all read as
+    numbers (one such row turns a whole TSV column of numbers into strings)."""
+    bad = None
+    if regression:
+        bad = next((i for i, v in enumerate(values) if _number(v) is None), None)
+    else:
+        nans = [i for i, v in enumerate(values) if isinstance(v, float) and not math.isfinite(v)]
+        if nans:
+            bad = nans[0]
+        elif values and all(isinstance(v, str) for v in values):
+            missing = [i for i, v in enumerate(values) if v.strip().lower() in _MISSING]
+            if missing and len(missing) < len(values) and \
+                    all(_number(v) is not None for v in values if v.strip().lower() not in _MISSING):
+                bad = missing[0]
+    if bad is None:
+        return
+    row = first_row + bad
+    where = where_row(spec, key, row) if spec and key in ("data.train", "data.eval") else f"row {row}"
+    why = "regression (model.num_labels=1) needs a number in every row" if regression else \
+        "the other labels are numbers; fix or drop that row"
+    raise UserError(f"{key}: {where}: label {values[bad]!r} in column {column!r} is not a number ({why})")
+
+
 def resolve_labels(config, train_ds) -> None:
     """Fills `model.num_labels` and `data.label_names` from the training labels (the rules in the README)."""
     d = config.data
@@ -64,7 +106,9 @@ def resolve_labels(config, train_ds) -> None:
     values = train_ds[d.label_field]
     for i, v in enumerate(values):
         if v is None or (isinstance(v, str) and not v.strip()):
-            raise UserError(f"data.train: row {i} has no label in column {d.label_field!r}")
+            raise UserError(f"data.train: {where_row(d.train, 'data.train', i)} has no label in column "
+                            f"{d.label_field!r}")
+    _not_a_number(values, "data.train", d.label_field, d.train, 0, config.model.num_labels == 1)
     if config.model.num_labels == 1:  # regression
         if _label_kind(values, "data.train", d.label_field) is str:
             raise UserError(f"data.train: model.num_labels=1 (regression) needs numeric labels, got {values[0]!r}")
@@ -85,14 +129,18 @@ def resolve_labels(config, train_ds) -> None:
         names = list(range(config.model.num_labels)) if kind is int else names
     if len(names) < 2:
         raise UserError(f"data.train: only one label value ({names[0]!r}); classification needs at least two")
+    if not d.label_names:
+        log.info("data.train: %d labels inferred from the data: %s (data.label_names to set them)", len(names),
+                 names[:20])
     d.label_names = names
     config.model.num_labels = len(names)
 
 
-def label_ids(values: list, config, key: str, first_row: int = 0) -> np.ndarray:
-    names = list(config.data.label_names)
-    if config.model.num_labels == 1:
+def label_ids(values: list, config, key: str, first_row: int = 0, spec: str | None = None) -> np.ndarray:
+    if config.model.num_labels == 1:  # regression: no label names
+        _not_a_number(values, key, config.data.label_field, spec, first_row, regression=True)
         return np.asarray(values, dtype=np.float32)
+    names = list(config.data.label_names)
     index = {n: i for i, n in enumerate(names)}
     ints_by_position = all(isinstance(n, str) for n in names) and \
         _label_kind(values, key, config.data.label_field) is int
@@ -106,6 +154,7 @@ def label_ids(values: list, config, key: str, first_row: int = 0) -> np.ndarray:
         elif v in index:
             out[i] = index[v]
         else:
+            _not_a_number(values, key, config.data.label_field, spec, first_row, regression=False)
             raise UserError(f"{key}: label {v!r} (row {first_row + i}) is not in the label set {names} "
                             "(data.label_names, or the labels seen in data.train)")
     return out
@@ -130,7 +179,7 @@ def featurize(ds, tokenizer, config, key: str, spec: str, *, need_labels: bool, 
         [np.zeros_like(x) for x in ids]
     lengths = np.asarray([len(x) for x in ids])
     raw = ds[d.label_field] if has_labels else None
-    labels = label_ids(raw, config, key, first_row) if has_labels else None
+    labels = label_ids(raw, config, key, first_row, spec) if has_labels else None
     keys = sharded.keys_of(zip(*texts, *([raw] if has_labels else [])))  # texts and label: for duplicates
     return Features(ids, types, labels, raw, lengths, num_empty, int((lengths >= config.max_length).sum()),
                     sharded.duplicates(keys), keys)
