@@ -141,10 +141,15 @@ class WeightReader:
             self.shapes = {k: tuple(np.shape(v)) for k, v in self._whole.items()}
             return
         for path in files:
-            with safe_open(path, framework="numpy") as f:
-                for name in f.keys():
-                    self._files[name] = path
-                    self.shapes[name] = tuple(f.get_slice(name).get_shape())
+            try:
+                with safe_open(path, framework="numpy") as f:
+                    for name in f.keys():
+                        self._files[name] = path
+                        self.shapes[name] = tuple(f.get_slice(name).get_shape())
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: one line naming the file
+                raise safetensors_error(path, e) from None
 
     def read(self, name: str, index: tuple | None = None) -> np.ndarray:
         """The tensor `name`, or only `index` (a tuple of slices) of it."""
@@ -154,10 +159,13 @@ class WeightReader:
         from safetensors import safe_open
 
         # Opened per read: the file stays memory-mapped while open, and touched pages count as this process's memory.
-        with safe_open(self._files[name], framework="numpy") as f:
-            if index is None or len(self.shapes[name]) == 0:
-                return f.get_tensor(name)
-            return f.get_slice(name)[tuple(index)]
+        try:
+            with safe_open(self._files[name], framework="numpy") as f:
+                if index is None or len(self.shapes[name]) == 0:
+                    return f.get_tensor(name)
+                return f.get_slice(name)[tuple(index)]
+        except Exception as e:  # noqa: BLE001 - a file truncated after its header: one line naming it
+            raise safetensors_error(self._files[name], e) from None
 
 
 def _deep_merge(dst: dict, src: dict) -> None:
@@ -168,12 +176,25 @@ def _deep_merge(dst: dict, src: dict) -> None:
             dst[k] = v
 
 
+def readable(path: Path) -> None:
+    """The mode other files get (0666 less the umask): safetensors writes 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def safetensors_error(path: Path, e: Exception) -> UserError:
+    return UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                     "the download or copy may be cut short: fetch or export it again")
+
+
 def write_safetensors(weights: dict[str, np.ndarray], folder: Path, filename: str = "model.safetensors") -> None:
     """Writes `model.safetensors` (PyTorch names and layout) with the metadata transformers expects."""
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, folder / filename, metadata={"format": "pt"})
+    readable(folder / filename)
 
 
 _SIZE_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
@@ -215,6 +236,7 @@ def write_safetensors_sharded(tensors: dict[str, tuple[tuple, np.dtype]], fetch,
         shard = {name: np.ascontiguousarray(fetch(name)) for name in names}
         if write:
             save_file(shard, folder / filename, metadata={"format": "pt"})
+            readable(folder / filename)
         del shard
     if write and split.is_sharded:
         total_parameters = sum(int(np.prod(shape, dtype=np.int64)) for shape, _ in tensors.values())

@@ -282,6 +282,8 @@ def test_regression_trains_evaluates_and_exports_to_transformers(tmp_path):
     assert len(preds) == 16
 
     run_cli("jaxsft.export", "--workdir", w, "--output", tmp_path / "hf")
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "hf").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes  # safetensors alone used to be 0600
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     assert model.config.problem_type == "regression" and model.config.num_labels == 1
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")

@@ -304,9 +304,8 @@ def to_hf_weights(params: dict, dtype=np.float32) -> dict[str, np.ndarray]:
 
 def report_load(report: LoadReport, model_class: str, source: str) -> None:
     if report.missing:
-        log.info("Some weights of %s were not initialized from the model checkpoint at %s and are newly "
-                 "initialized: %s\nYou should probably TRAIN this model on a down-stream task.",
-                 model_class, source, report.missing)
+        log.info("%s: new weights, randomly initialised (not in the checkpoint %s): %s", model_class, source,
+                 ", ".join(report.missing))
     if report.unexpected:
         log.info("Some weights of the checkpoint at %s were not used when initializing %s: %s",
                  source, model_class, report.unexpected[:20] + (["..."] if len(report.unexpected) > 20 else []))
