@@ -35,10 +35,39 @@ def config_from_args(argv: list[str], *, workdir_config: Path | None = None, bas
     elif base is not None:
         config = base
     else:
-        raise UserError("--config FILE is required")
+        raise UserError("--config FILE is required (--help: usage; --list-keys: every config key and its default)")
     for key, value in overrides:
         config_lib.apply_override(config, key, value)
     return config, rest
+
+
+CONFIG_HELP = ("a Python file whose get_config() returns the run's ml_collections.ConfigDict (see configs/; start "
+               "from jaxsft.defaults.base_config()); required")
+OVERRIDE_HELP = ("--config.KEY=VALUE (or --config.KEY VALUE) overrides one key, e.g. --config.learning_rate=1e-4, "
+                 "--config.data.text_fields=sentence1,sentence2 (lists: comma-separated, or a Python list); "
+                 "--config.KEY=None sets a key whose default is None back to None. --list-keys prints every key, its "
+                 "default and what it means; a value without a meaning (out of range, wrong type) exits 2 before "
+                 "anything is read or written.")
+
+
+def add_config_help(p: argparse.ArgumentParser) -> None:
+    """`--config FILE` and `--list-keys` in --help (`--config` itself is taken out of argv by config_from_args)."""
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("--list-keys", action="store_true", help="print every config key with its default and comment "
+                   "(jaxsft/defaults.py) and exit")
+    p.epilog = OVERRIDE_HELP
+
+
+def help_or_keys(p: argparse.ArgumentParser, argv: list[str]) -> bool:
+    """Prints --help or --list-keys when asked (no --config needed) and returns True; False otherwise."""
+    _, _, rest = config_lib.split_config_args(argv)
+    if "-h" in rest or "--help" in rest:
+        p.print_help()
+        return True
+    if "--list-keys" in rest:
+        print("\n".join(config_lib.describe_keys()), flush=True)
+        return True
+    return False
 
 
 MULTIHOST_HELP = ("one of several processes of one job (every host of a pod runs the same command): "

@@ -1,4 +1,11 @@
-"""Every public config key with its default; config files in configs/ start from `base_config()`."""
+"""Every public config key with its default; config files in configs/ start from `base_config()`.
+
+`python -m jaxsft.run --list-keys` prints every key with its default and its comment here: the comment on the key's
+line, continued by comment lines right under it; a key with none on its line takes the comment lines right above
+it. A section comment (about the keys below it) follows a blank line.
+RANGES and ITEMS say which values each key may hold; `jaxsft.config.check_values` refuses others before a run
+loads or writes anything. A key whose default is None (a placeholder) may be set back to None: `--config.KEY=None`.
+"""
 
 from __future__ import annotations
 
@@ -8,66 +15,72 @@ from ml_collections import config_dict
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.task = "classification"
+    c.task = "classification"  # classification | causal_lm | seq2seq
 
     c.model = ml_collections.ConfigDict()
     c.model.name_or_path = ""  # local HF folder or hub id
     c.model.num_labels = config_dict.placeholder(int)  # None: inferred from the training labels; 1: regression
     c.model.decoder_start_token_id = config_dict.placeholder(int)  # seq2seq; None: from the checkpoint
     c.model.from_scratch = False  # True: the architecture of the checkpoint's config with fresh random weights
+
     # Speed / memory (decoder families llama, mistral, qwen2, qwen3):
     c.model.remat = "none"  # none | dots (recompute all but matmul outputs) | full: per-layer rematerialisation
     c.model.scan_layers = False  # True: layers stacked and run under lax.scan (compile time independent of depth)
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # .tsv .csv .json .jsonl .parquet, or an HF dataset spec such as glue/sst2:train
-    c.data.eval = ""
+    c.data.eval = ""  # as data.train; "": no evaluation set (unless data.eval_fraction)
     c.data.tfds_data_dir = config_dict.placeholder(str)  # for tfds:NAME[:SPLIT] specs; None: ~/tensorflow_datasets
     c.data.eval_fraction = 0.0  # > 0 and no data.eval: hold out this share of data.train (seeded) for evaluation
     c.data.text_fields = ["sentence"]  # one name, or two for sentence pairs
-    c.data.label_field = "label"
-    c.data.label_names = config_dict.placeholder(list)
+    c.data.label_field = "label"  # classification: the label column
+    c.data.label_names = config_dict.placeholder(list)  # None: from the training labels; else the classes in order
     c.data.buckets = config_dict.placeholder(list)  # padded lengths; None: chosen from the data (num_buckets)
     c.data.num_buckets = 5  # data.buckets unset: this many padded lengths (multiples of 8) that pad the run's
     # batches least (train: epoch 0's batches; eval: its length-sorted batches); 0: powers of two up to max_length
     c.data.group_by_length = True  # batch examples of similar length together (less padding)
+
     # causal_lm (SFT) data: the format is detected from the fields (text | prompt+completion |
     # instruction+input+output | messages) unless data.format names one.
     c.data.format = config_dict.placeholder(str)  # None: auto; text | prompt_completion | alpaca | messages
     c.data.packing = True  # causal_lm: several examples per max_length row (segment ids); False pads instead
     c.data.train_on_prompt = False  # causal_lm: also put loss on prompt / non-assistant tokens
     c.data.chat_template = config_dict.placeholder(str)  # a Jinja chat template when the tokenizer has none
+
     # seq2seq (translation) data: fields of a JSONL/CSV/TSV file, or two line-aligned files `src.txt,tgt.txt`
-    c.data.source_field = "source"
-    c.data.target_field = "target"
+    c.data.source_field = "source"  # seq2seq / data.format translation: the source column
+    c.data.target_field = "target"  # ... and the target column
     c.data.source_prefix = ""  # prepended to every source (T5: "translate English to German: ")
     c.data.max_target_length = config_dict.placeholder(int)  # None: max_length
     c.data.source_lang = "English"  # translate_llm prompt template
-    c.data.target_lang = "German"
+    c.data.target_lang = "German"  # translate_llm prompt template
 
-    c.max_length = 128
+    c.max_length = 128  # tokens per row (longer examples are cut); at least 8
     c.batch_size = 32  # global, over all devices and accumulation steps
     c.eval_batch_size = config_dict.placeholder(int)  # None: batch_size
-    c.gradient_accumulation_steps = 1
-    c.num_epochs = 1
+    c.gradient_accumulation_steps = 1  # batch_size is split into this many micro-batches per step
+    c.num_epochs = 1  # passes over data.train (max_steps <= 0)
     c.max_steps = -1  # > 0 wins over num_epochs
 
     c.optimizer = "adamw"  # adamw | adafactor (T5's: updates scaled by each weight's RMS, factored second moments)
-    c.learning_rate = 5e-5
-    c.warmup_steps = 0
-    c.warmup_ratio = 0.0
-    c.weight_decay = 0.0
-    c.max_grad_norm = 1.0
-    c.adam_beta1 = 0.9
-    c.adam_beta2 = 0.999
-    c.adam_epsilon = 1e-8
-    c.label_smoothing = 0.0
+    c.learning_rate = 5e-5  # peak rate: linear warmup to it, then linear decay to 0
+    c.warmup_steps = 0  # > 0 wins over warmup_ratio
+    c.warmup_ratio = 0.0  # share of the run's steps spent warming up, in [0, 1]
+    c.weight_decay = 0.0  # decoupled, on matrices only (not biases / norms)
+    c.max_grad_norm = 1.0  # clip the global gradient norm to this; 0: no clipping
+    c.adam_beta1 = 0.9  # adamw
+    c.adam_beta2 = 0.999  # adamw
+    c.adam_epsilon = 1e-8  # adamw
+    c.label_smoothing = 0.0  # in [0, 1)
     c.chunked_loss_size = 0  # causal_lm: > 0 computes logits + cross-entropy this many tokens at a time (never the
     # whole (batch, T, vocab) float32 logits; the backward pass recomputes each chunk's logits); 0: all at once
     c.skip_nonfinite_updates = False  # True: a step with a NaN/inf loss or gradient leaves the weights as they were
     c.precompile = True  # compile every batch shape of the run (train and eval) before the first step, in parallel
+    # JAX's persistent compilation cache: a rerun of the same shapes loads them from this folder instead of
+    # compiling; "default": $XDG_CACHE_HOME/jaxsft/xla (else ~/.cache/jaxsft/xla); "": off
+    c.compilation_cache = "default"
 
-    c.log_every_steps = 50
+    c.log_every_steps = 50  # a progress line (and metrics.jsonl row) every N steps
     c.eval_every_steps = -1  # <= 0: at the end of every epoch
     c.checkpoint_every_steps = -1  # <= 0: whenever the run evaluates
     c.keep_checkpoints = 2  # the newest N, plus the best by checkpoint_metric
@@ -76,19 +89,67 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Decoding for seq2seq evaluation / generation; None: the checkpoint's generation_config.json
     c.decode = ml_collections.ConfigDict()
-    c.decode.num_beams = config_dict.placeholder(int)
-    c.decode.max_new_tokens = config_dict.placeholder(int)
-    c.decode.length_penalty = config_dict.placeholder(float)
-    c.decode.early_stopping = config_dict.placeholder(bool)
+    c.decode.num_beams = config_dict.placeholder(int)  # beam width; 1: greedy
+    c.decode.max_new_tokens = config_dict.placeholder(int)  # the longest output
+    c.decode.length_penalty = config_dict.placeholder(float)  # beam scores divided by length ** this
+    c.decode.early_stopping = config_dict.placeholder(bool)  # beam search stops when num_beams outputs are done
+    # compute dtype of decoding (generate, evaluate --predictions, generation at eval): float32 decodes as
+    # transformers does on the exported float32 weights (greedy output token-identical, whatever `dtype` trained);
+    # bfloat16 is faster on accelerators but near-tied logits may pick another token
+    c.decode.dtype = "float32"
 
     # LoRA (causal_lm and classification): rank 0 = off, full fine-tuning.
     c.lora = ml_collections.ConfigDict()
-    c.lora.rank = 0
-    c.lora.alpha = 16.0
-    c.lora.dropout = 0.0
+    c.lora.rank = 0  # > 0: train rank-r adapters only (base frozen); 0: full fine-tuning
+    c.lora.alpha = 16.0  # adapter output scaled by alpha / rank
+    c.lora.dropout = 0.0  # on the adapters' input, in [0, 1)
     c.lora.target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]  # regexes matched against module paths
 
-    c.seed = 42
+    c.seed = 42  # data order, hold-out split, fresh weights, dropout (>= 0)
     c.dtype = "float32"  # compute dtype; master weights stay float32
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # devices per axis; -1: the rest
     return c
+
+
+# The values each numeric key may hold: an interval ("[" / "]": bound included, "(" / ")": excluded; inf: none),
+# and what the error line adds. A placeholder key (default None) may also be None. Keys not listed take any value
+# of their type (max_steps, eval_every_steps, checkpoint_every_steps: <= 0 means off), or are checked where they
+# are used before anything is written (task, dtype, optimizer, model.remat, data.format, mesh.*).
+MIN_MAX_LENGTH = 8  # fewer tokens than this hold no sentence, and buckets are multiples of 8
+RANGES: dict[str, tuple[str, str]] = {
+    "model.num_labels": ("[1, inf)", "1: regression"),
+    "model.decoder_start_token_id": ("[0, inf)", "a token id"),
+    "data.eval_fraction": ("[0, 1)", "the share of data.train held out"),
+    "data.num_buckets": ("[0, inf)", "0: powers of two up to max_length"),
+    "data.max_target_length": ("[2, inf)", "a target token and EOS"),
+    "max_length": (f"[{MIN_MAX_LENGTH}, inf)", "tokens per row, special tokens included"),
+    "batch_size": ("[1, inf)", ""),
+    "eval_batch_size": ("[1, inf)", "None: batch_size"),
+    "gradient_accumulation_steps": ("[1, inf)", "1: no accumulation"),
+    "num_epochs": ("[0, inf)", ""),
+    "learning_rate": ("(0, inf)", ""),
+    "warmup_steps": ("[0, inf)", ""),
+    "warmup_ratio": ("[0, 1]", "a share of the run's steps; above 1 the peak rate is never reached"),
+    "weight_decay": ("[0, inf)", ""),
+    "max_grad_norm": ("[0, inf)", "0: no clipping"),
+    "adam_beta1": ("[0, 1)", ""),
+    "adam_beta2": ("[0, 1)", ""),
+    "adam_epsilon": ("(0, inf)", ""),
+    "label_smoothing": ("[0, 1)", ""),
+    "chunked_loss_size": ("[0, inf)", "0: all at once"),
+    "log_every_steps": ("[1, inf)", ""),
+    "keep_checkpoints": ("[1, inf)", "the best is kept as well"),
+    "decode.num_beams": ("[1, inf)", "1: greedy"),
+    "decode.max_new_tokens": ("[1, inf)", ""),
+    "lora.rank": ("[0, inf)", "0: off"),
+    "lora.alpha": ("(0, inf)", ""),
+    "lora.dropout": ("[0, 1)", ""),
+    "seed": ("[0, inf)", ""),
+}
+# The type of each item of a list key (a `--config.KEY=a,b` override is converted to it).
+ITEMS: dict[str, tuple[type, ...]] = {
+    "data.text_fields": (str,),
+    "data.label_names": (str, int),  # class names; integers as they appear in the label column
+    "data.buckets": (int,),
+    "lora.target_modules": (str,),
+}

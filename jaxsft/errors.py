@@ -51,8 +51,10 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     try:
         code = main(argv)
     except UserError as e:
-        if verbose:
-            raise
+        if verbose:  # the traceback, then the same line and exit code as without --verbose
+            import traceback
+
+            traceback.print_exc()
         _say(f"error: {e}")
         sys.exit(EXIT_BAD_INPUT)
     except Stopped as e:

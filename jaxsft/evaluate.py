@@ -60,8 +60,9 @@ def main(argv: list[str]) -> int:
         config, _ = cli.config_from_args(argv, base=None if path else base_config())
     cli.start_multihost(args.multihost)  # every process evaluates (the passes are collective); process 0 reports
 
-    from jaxsft import parallel, pipeline
+    from jaxsft import compile_cache, parallel, pipeline
 
+    compile_cache.enable(config)
     task = pipeline.task_module(config)
     mesh = parallel.make_mesh(config.mesh)
     if args.workdir:
@@ -95,7 +96,7 @@ def main(argv: list[str]) -> int:
             if cli.is_main():
                 Path(args.predictions).write_text("".join(line + "\n" for line in task.prediction_lines(hyps)))
         else:  # causal_lm decodes on every process (collective); one writes
-            rows = generated_rows(functional, params, features, config, tokenizer, args) \
+            rows = generated_rows(functional, params, features, config, tokenizer, args, hf_config) \
                 if config.task == "causal_lm" else task.prediction_rows(outputs, features, config)
             if cli.is_main():
                 with open(args.predictions, "w") as f:
@@ -107,13 +108,14 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def generated_rows(functional, params, features, config, tokenizer, args) -> list[dict]:
+def generated_rows(functional, params, features, config, tokenizer, args, hf_config) -> list[dict]:
     """causal_lm: greedy completions of every eval prompt beside its reference."""
     from jaxsft import pipeline
     from jaxsft.tasks import causal_lm
 
     folder = pipeline.workdir_hf(args.workdir) if args.workdir else Path(args.model)
-    complete = pipeline.prompt_completer(functional, config, folder, tokenizer, args.max_new_tokens,
+    complete = pipeline.prompt_completer(pipeline.decoding_functional(functional, hf_config, config), config, folder,
+                                         tokenizer, args.max_new_tokens,
                                          config.eval_batch_size or config.batch_size)
     texts = complete(params, [causal_lm.encode_prompt(tokenizer, config, p) for p in features.prompts])
     return [{"prompt": p, "completion": c, "reference": r}

@@ -47,6 +47,7 @@ def load(args, argv):
             raise UserError(f"--workdir {args.workdir}: task {config.task!r} does not generate text "
                             "(causal_lm and seq2seq do)")
         mesh = parallel.make_mesh(config.mesh)
+        config.dtype = pipeline.decode_dtype(config)  # decoding computes in decode.dtype (default float32)
         functional, template, _, tokenizer = pipeline.workdir_model(args.workdir, config)
         params, step = pipeline.restore_params(args.workdir, config, template, mesh, args.checkpoint,
                                                functional.trainable)
@@ -59,6 +60,7 @@ def load(args, argv):
     config.task = "seq2seq" if getattr(hf_config, "is_encoder_decoder", False) else "causal_lm"
     tokenizer = pipeline.load_tokenizer(folder, "--model")
     mesh = parallel.make_mesh(config.mesh)
+    config.dtype = pipeline.decode_dtype(config)
     model, params, _, report = pipeline.load_pretrained(hf_config, config, folder, mesh, str(args.model))
     report_load(report, type(model).__name__, str(args.model))
     return config, Functional(model), params, tokenizer, folder
@@ -104,6 +106,9 @@ def main(argv: list[str]) -> int:
     from jaxsft.models import compute_dtype
 
     config, functional, params, tokenizer, folder = load(args, argv)
+    from jaxsft import compile_cache
+
+    compile_cache.enable(config)
     if config.task == "seq2seq":
         return translate(args, prompts, config, functional, params, tokenizer, folder)
     eos = decoding.eos_ids_for(folder, tokenizer)

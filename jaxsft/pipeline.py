@@ -256,6 +256,29 @@ def workdir_model(workdir: Path, config):
     return functional, template, hf_config, tokenizer
 
 
+def decode_dtype(config) -> str:
+    """config.decode.dtype (workdirs from before the key: float32)."""
+    return config.decode.get("dtype") or "float32"
+
+
+def decoding_functional(functional, hf_config, config):
+    """The model to decode with: `functional` itself when decode.dtype is the training compute dtype, else the
+    same architecture (LoRA adapters included) computing in decode.dtype, over the same float32 params."""
+    from flax import nnx
+
+    from jaxsft.models import Functional
+
+    dtype = decode_dtype(config)
+    if dtype == config.dtype:
+        return functional
+    other = config.copy_and_resolve_references()
+    other.dtype = dtype
+    model = nnx.eval_shape(lambda: build(hf_config, other)[0])
+    out = Functional(model)
+    out.trainable = getattr(functional, "trainable", None)
+    return out
+
+
 def generation_config(folder: Path, hf_config) -> dict:
     """The checkpoint's generation settings as transformers derives them (generation_config.json, else config)."""
     from transformers import GenerationConfig
@@ -272,7 +295,9 @@ def seq2seq_generator(functional, config, folder: Path, hf_config, tokenizer):
 
     settings = decoding.seq2seq_settings(generation_config(folder, hf_config), config.decode,
                                          fallback_pad=tokenizer.pad_token_id, fallback_eos=tokenizer.eos_token_id)
-    return decoding.make_seq2seq_generate_fn(functional, settings, compute_dtype(config.dtype)), settings
+    fn = decoding.make_seq2seq_generate_fn(decoding_functional(functional, hf_config, config), settings,
+                                           compute_dtype(decode_dtype(config)))
+    return fn, settings
 
 
 def translate(generator, params, features, task, config, tokenizer, mesh) -> list[str]:
@@ -296,8 +321,8 @@ def hypothesis_fn(task, functional, config, folder: Path, hf_config, tokenizer, 
     if config.task == "seq2seq":
         generator = seq2seq_generator(functional, config, folder, hf_config, tokenizer)
         return lambda params, features: translate(generator, params, features, task, config, tokenizer, mesh)
-    complete = prompt_completer(functional, config, folder, tokenizer, config.decode.max_new_tokens or 128,
-                                eval_batch_size(config, mesh))
+    complete = prompt_completer(decoding_functional(functional, hf_config, config), config, folder, tokenizer,
+                                config.decode.max_new_tokens or 128, eval_batch_size(config, mesh))
     return lambda params, features: complete(params, [task.encode_prompt(tokenizer, config, p)
                                                       for p in features.prompts])
 
@@ -310,7 +335,7 @@ def prompt_completer(functional, config, folder: Path, tokenizer, max_new_tokens
 
     eos = decoding.eos_ids_for(folder, tokenizer)
     fn = decoding.make_generate_fn(functional, decoding.Sampling(max_new_tokens), eos, tokenizer.pad_token_id,
-                                   compute_dtype(config.dtype))
+                                   compute_dtype(decode_dtype(config)))
 
     def run(params, prompts: list[list[int]]) -> list[str]:
         todo = [i for i, x in enumerate(prompts) if x]

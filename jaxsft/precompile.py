@@ -50,11 +50,14 @@ def workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def compile_all(jobs: list[tuple], what: str = "") -> None:
-    """Compiles the jobs of Ahead.jobs (their arguments arrays or ShapeDtypeStructs) in parallel threads."""
+def compile_all(jobs: list[tuple], what: str = "") -> float:
+    """Compiles the jobs of Ahead.jobs (their arguments arrays or ShapeDtypeStructs) in parallel threads; returns
+    the seconds it took."""
     if not jobs:
-        return
+        return 0.0
     t0 = time.perf_counter()
+    log.info("compiling %d %sbatch shapes before the first step, %d at a time (a rerun of the same shapes loads "
+             "them from the compilation cache)...", len(jobs), what, min(workers(), len(jobs)))
 
     def one(job):
         ahead, sig, args = job
@@ -67,7 +70,9 @@ def compile_all(jobs: list[tuple], what: str = "") -> None:
     else:
         with ThreadPoolExecutor(n, thread_name_prefix="jaxsft-compile") as pool:
             list(pool.map(one, jobs))
-    log.info("compiled %d %sbatch shapes in %.1f s (%d at a time)", len(jobs), what, time.perf_counter() - t0, n)
+    seconds = time.perf_counter() - t0
+    log.info("compiled %d %sbatch shapes in %.1f s (%d at a time)", len(jobs), what, seconds, n)
+    return seconds
 
 
 class Ahead:

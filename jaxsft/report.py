@@ -36,6 +36,20 @@ def read_events(workdir: str | Path) -> tuple[dict[int, dict], dict[int, dict]]:
     return dict(sorted(train.items())), dict(sorted(evals.items()))
 
 
+def run_rows(workdir: str | Path) -> list[dict]:
+    """The rows a run writes besides its events: `run_started` (one per start, resumes included) and
+    `compile_seconds`."""
+    rows = []
+    for line in (fs.path(workdir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and ("run_started" in row or "compile_seconds" in row):
+            rows.append(row)
+    return rows
+
+
 def eval_metric_names(evals: dict[int, dict]) -> list[str]:
     names = {k for row in evals.values() for k, v in row.items() if k.startswith("eval_") and k not in NOT_CURVES
              and isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -78,7 +92,14 @@ def summary_lines(workdir: str | Path) -> list[str]:
         last = evals[max(evals)]
         rows.append((f"last eval (step {last['step']})", " ".join(f"{k}={_fmt(last[k])}" for k in names if k in last)))
     times = [row["time"] for row in [*train.values(), *evals.values()] if isinstance(row.get("time"), (int, float))]
-    if len(times) >= 2:
+    extra = run_rows(workdir)
+    starts = [row["run_started"] for row in extra if isinstance(row.get("run_started"), (int, float))]
+    compiled = sum(row.get("compile_seconds", 0) for row in extra)
+    if times and starts:  # the whole run: loading, compilation and training (each start to its last event)
+        seconds = int(max(times) - min(starts))
+        note = f"(start to last event; compilation {compiled:.0f} s)" if compiled else "(start to last event)"
+        rows.append(("wall time", f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} {note}"))
+    elif len(times) >= 2:  # workdirs from before the start row
         seconds = int(max(times) - min(times))
         rows.append(("wall time", f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} "
                                   "(first to last event)"))

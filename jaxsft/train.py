@@ -14,6 +14,7 @@ import signal
 import tempfile
 import threading
 import time
+from datetime import UTC
 from pathlib import Path
 
 import jax
@@ -22,12 +23,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxsft import compile_cache, fs, hf_io, optim, parallel, pipeline, precompile
 from jaxsft import config as config_lib
-from jaxsft import fs, hf_io, optim, parallel, pipeline, precompile
 from jaxsft.checkpoint import Checkpoints, abstract
 from jaxsft.data import sharded
 from jaxsft.data.batching import BatchPlan, padding_share
-from jaxsft.errors import EXIT_FAILURE, RunFailed, Stopped, UserError
+from jaxsft.errors import EXIT_FAILURE, EXIT_STOPPED, RunFailed, Stopped, UserError
 from jaxsft.lock import WorkdirLock
 from jaxsft.models import Functional, compute_dtype, layers, report_load
 from jaxsft.reporting import MetricsWriter, Progress
@@ -38,17 +39,18 @@ _FAIL_AFTER_STEP = int(os.environ.get("JAXSFT_FAIL_AFTER_STEP", "-1"))
 
 
 def validate(config) -> None:
-    """Checks that need no data or model: numbers in range, a known task and dtype."""
-    pipeline.task_module(config)
+    """Checks that need no data or model: every key's value in range (config.check_values), a known task, dtype,
+    optimizer, remat policy and data format."""
+    task = pipeline.task_module(config)
     compute_dtype(config.dtype)
-    for key in ("batch_size", "max_length", "log_every_steps", "keep_checkpoints", "gradient_accumulation_steps"):
-        if config[key] <= 0:
-            raise UserError(f"config.{key} must be > 0, got {config[key]}")
-    if config.max_steps <= 0 and config.num_epochs <= 0:
-        raise UserError(f"config.max_steps ({config.max_steps}) and config.num_epochs ({config.num_epochs}) are "
-                        "both <= 0: nothing to train")
-    if not config.learning_rate > 0:
-        raise UserError(f"config.learning_rate must be > 0, got {config.learning_rate}")
+    config_lib.check_values(config)
+    if config.model.remat not in layers.REMAT_POLICIES:
+        raise UserError(f"config.model.remat must be one of {', '.join(layers.REMAT_POLICIES)}, "
+                        f"got {config.model.remat!r}")
+    formats = (*getattr(task, "FORMATS", ()), "translation")
+    if config.task == "causal_lm" and config.data.format is not None and config.data.format not in formats:
+        raise UserError(f"config.data.format must be one of {', '.join(formats)} (None: detected from the columns), "
+                        f"got {config.data.format!r}")
     if config.checkpoint_mode not in (None, "max", "min"):
         raise UserError(f"config.checkpoint_mode must be 'max' or 'min', got {config.checkpoint_mode!r}")
     if config.get("optimizer", "adamw") not in optim.OPTIMIZERS:
@@ -57,14 +59,44 @@ def validate(config) -> None:
         raise UserError("config.model.name_or_path is not set")
 
 
+RUN_FILES = ("config.json", "checkpoints", "metrics.jsonl", "hf", "tensorboard", "environment.json", "report.png")
+
+
+def check_is_run_folder(workdir) -> None:
+    """A workdir is new, empty, or a jaxsft run (its W/config.json is a jaxsft config); anything else (an HF
+    model folder, a home folder, the current folder) is refused and left untouched."""
+    p = fs.path(workdir)
+    if not p.is_dir():
+        return
+    names = {c.name for c in p.iterdir() if not c.name.startswith(".")}  # .lock, .DS_Store, write probes
+    if not names - set(RUN_FILES[1:]):  # empty, or a run's files before its config.json
+        return
+    saved = p / "config.json"
+    if saved.is_file():
+        try:
+            old = json.loads(saved.read_text())
+        except (OSError, ValueError):
+            old = None
+        if isinstance(old, dict) and isinstance(old.get("model"), dict) and "task" in old:
+            return
+        what = "its config.json is not a jaxsft config (an HF model folder?)"
+    else:
+        listed = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+        what = f"it holds other files ({listed}) and no jaxsft config.json"
+    raise UserError(f"--workdir {workdir} is not empty and not a jaxsft run: {what}; give a new or empty folder")
+
+
 def check_workdir(workdir: Path) -> None:
     """Fails early (before any loading) if the workdir cannot be a folder we write to: tried for real with a
-    probe that is removed at once (permission bits say nothing for root, or under /proc)."""
+    probe that is removed at once (permission bits say nothing for root, or under /proc); and if it is a folder
+    that holds something other than a jaxsft run."""
     if fs.is_remote(workdir):
-        return _check_remote_workdir(workdir)
+        _check_remote_workdir(workdir)
+        return check_is_run_folder(workdir)
     p = Path(workdir)
     if p.exists() and not p.is_dir():
         raise UserError(f"--workdir {workdir} is a file, not a folder")
+    check_is_run_folder(p)
     parent = p
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -146,7 +178,7 @@ def environment() -> dict:
     import platform
     import socket
     import sys
-    from datetime import datetime, timezone
+    from datetime import datetime
     from importlib import metadata
 
     def version(dist: str) -> str | None:
@@ -165,7 +197,7 @@ def environment() -> dict:
         "devices": [{"id": d.id, "platform": d.platform, "kind": d.device_kind, "process": d.process_index}
                     for d in devices],
         "command": [sys.executable, *sys.argv], "cwd": os.getcwd(), "hostname": socket.gethostname(),
-        "pid": os.getpid(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "pid": os.getpid(), "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -286,6 +318,10 @@ class _StopSignals:
         self.name: str | None = None
         self._previous: dict = {}
         self.multihost = jax.process_count() > 1
+        # Until the loop starts (loading, tokenizing, compiling: minutes on a large set) a signal ends the process
+        # at once: there is no step to finish and nothing to save, and compiler threads cannot be interrupted.
+        self.loading = True
+        self.writing = False  # the workdir's files are being written: a signal waits for the end of it
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread() and not self.multihost:  # main thread only
@@ -311,7 +347,16 @@ class _StopSignals:
                         "checkpoint is kept\n".encode())
             os._exit(EXIT_FAILURE)
         self.name = name
+        if self.loading and not self.writing:
+            self.exit_loading()
         log.info("%s: stopping after the current step with a checkpoint (a second signal exits at once)", name)
+
+    def exit_loading(self) -> None:
+        if self.name is not None:
+            name = self.name
+            os.write(2, f"stopped on {name} before the first step (loading, tokenizing or compiling); nothing to "
+                        "save — rerun the same command to start again\n".encode())
+            os._exit(EXIT_STOPPED)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -336,8 +381,12 @@ def _drain(pending: list, ckpts: Checkpoints, skip: bool) -> tuple[float, float,
 def train_and_evaluate(config, workdir: str | Path, *, force: bool = False) -> dict:
     """Fine-tunes per config, evaluating and checkpointing into workdir; resumes if workdir has checkpoints
     (refused if the config changes a key that defines the run, unless `force`)."""
+    started = time.time()
+    if not str(workdir).strip():
+        raise UserError("--workdir is empty; name the run's folder (a new or empty one, or an earlier run's)")
     workdir = fs.path(workdir)  # a local Path, or an epath.Path for gs://
     validate(config)
+    compile_cache.enable(config)
     check_workdir(workdir)
     check_resume_config(workdir, config, force=force, unresolved=True)
     lock = WorkdirLock(workdir)
@@ -345,13 +394,13 @@ def train_and_evaluate(config, workdir: str | Path, *, force: bool = False) -> d
         lock.check()
     with _StopSignals() as stop:
         try:
-            return _train_and_evaluate(config, workdir, lock, stop, force)
+            return _train_and_evaluate(config, workdir, lock, stop, force, started)
         finally:
             lock.release()
 
 
 def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSignals,
-                        force: bool = False) -> dict:
+                        force: bool = False, started: float | None = None) -> dict:
     task = pipeline.task_module(config)
     mesh = mesh_for(config)
     if config.checkpoint_metric is None:
@@ -363,6 +412,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
     # --- load and validate everything; nothing is written yet ---
     folder = hf_io.resolve(config.model.name_or_path)
     hf_config = pipeline.load_hf_config(folder, "model.name_or_path")
+    config_lib.check_positions(config, hf_config)  # max_length within the model's positions; nothing written yet
     tokenizer = pipeline.load_tokenizer(folder, "model.name_or_path")
     if config.task == "seq2seq" and config.model.decoder_start_token_id is None:
         start = getattr(hf_config, "decoder_start_token_id", None)
@@ -410,7 +460,10 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
     check_resume_config(workdir, config, force=force)  # labels etc. resolved now; still nothing written
     if jax.process_index() == 0:
         lock.acquire()
+    stop.writing = True
     _write_workdir_files(workdir, config, hf_config, tokenizer, folder)
+    stop.writing = False
+    stop.exit_loading()  # a signal that came while writing
     for what, f in (("train", train), ("eval", evals)):  # accepted but reported (also in metrics.jsonl, step 0)
         if task.name == "classification" and f is not None and (f.num_empty or f.num_truncated or
                                                                  f.num_duplicates):
@@ -457,7 +510,8 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
     acc_loss, acc_count = meta["acc_loss_sum"], meta["acc_count"]
     skip, skipped = bool(config.skip_nonfinite_updates), int(meta.get("skipped_updates", 0))
     writer = MetricsWriter(workdir / "metrics.jsonl")
-    writer.write(0, data_counts(train, evals))  # one row per run start: what the data held
+    # one row per run start: what the data held, and when the run started (the report's wall time counts from it)
+    writer.write(0, {**data_counts(train, evals), "run_started": started or time.time()})
     log.info("training %d steps (%d per epoch, batch %d, %d devices, mesh %s); padding %.1f%% of tokens "
              "(buckets %s)", total, plan.num_batches, config.batch_size, mesh.size, dict(mesh.shape),
              100 * padding_share(train.lengths, plan.epoch(0), config.batch_size, bucket_list), bucket_list)
@@ -474,7 +528,8 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
             jobs += eval_step.jobs(({**state.get("frozen", {}), **state["params"]}, None), make_eval.shapes,
                                    eval_batches, mesh)
             eval_step.planned = True
-        precompile.compile_all(jobs)
+        seconds = precompile.compile_all(jobs)
+        writer.write(step, {"compile_seconds": round(seconds, 2), "compiled_shapes": len(jobs)})
 
     hypotheses = pipeline.hypothesis_fn(task, functional, config, folder, hf_config, tokenizer, mesh)
 
@@ -498,9 +553,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
     progress.set_eval(step, config.checkpoint_metric, last_metrics.get(config.checkpoint_metric))
     t_log, ex_log, tok_log, pending = time.time(), 0, 0, []
     eval_every, ckpt_every = config.eval_every_steps, config.checkpoint_every_steps
-    if stop.name is not None:  # signalled while loading: nothing new to save
-        raise Stopped(f"stopped at step {step} on {stop.name} before training resumed — rerun the same command "
-                      "to resume")
+    stop.loading = False  # from here a signal stops the run after the current step, with a checkpoint
 
     def save_checkpoint(metrics: dict | None, **extra) -> None:
         meta = {"step": step, "epoch": epoch_after, "batch_in_epoch": batch_after, "acc_loss_sum": acc_loss,

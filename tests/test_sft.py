@@ -212,3 +212,30 @@ def test_chat_messages_with_config_template_train_generate_and_export(tmp_path):
     gen = [json.loads(line) for line in cli("generate", "--workdir", w, "--prompt", "say good", "--template",
                                             "--max_new_tokens", "3").stdout.splitlines() if line.startswith("{")]
     assert len(gen) == 1 and set(gen[0]) == {"prompt", "completion"}
+
+
+@pytest.mark.slow  # two short bf16 runs, exports and 16 generations: ~90 s idle
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_greedy_output_after_bfloat16_training_equals_transformers_on_the_export(kind, data, tmp_path):
+    """configs/sft.py trains in bfloat16; decoding runs in decode.dtype (float32 by default), so `generate` gives
+    transformers' greedy tokens on the exported float32 weights (in bf16 the top two logits could round equal)."""
+    model = make_tiny_decoder(tmp_path / kind, kind=kind)
+    w, hf = tmp_path / "w", tmp_path / "hf"
+    cli("run", "--config", "configs/sft.py", "--workdir", w, f"--config.model.name_or_path={model}",
+        f"--config.data.train={data / 'train.jsonl'}", "--config.max_steps=20", "--config.learning_rate=1e-2",
+        "--config.max_length=128", "--config.batch_size=8", "--config.warmup_steps=0", "--config.eval_every_steps=0")
+    assert json.loads((w / "config.json").read_text())["dtype"] == "bfloat16"
+    cli("export", "--workdir", w, "--output", hf)
+    prompts = [r["instruction"] for r in alpaca_rows(8, seed=5)]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    gen = cli("generate", "--workdir", w, "--prompts", tmp_path / "p.txt", "--max_new_tokens", "12")
+    ours = [json.loads(line)["completion"] for line in gen.stdout.splitlines() if line.startswith("{")]
+    tok = tf.AutoTokenizer.from_pretrained(hf)
+    ref_model = tf.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    same = 0
+    for p, o in zip(prompts, ours):
+        enc = tok([p], return_tensors="pt", return_token_type_ids=False)
+        with torch.no_grad():
+            ref = ref_model.generate(**enc, max_new_tokens=12, do_sample=False)
+        same += tok.decode(ref[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() == o.strip()
+    assert len(ours) == 8 and same == 8, f"{same}/8 greedy completions equal transformers'"

@@ -248,13 +248,23 @@ def test_evaluate_reproduces_training_eval_and_export_agrees_with_transformers(t
     assert abs(hf_result["eval_loss"] - result["eval_loss"]) < 1e-5
 
 
-@pytest.mark.slow
-def test_default_job_reaches_80_percent_eval_accuracy(tmp_path):
+def test_quick_start_command_gives_the_accuracy_the_readme_states(tmp_path):
+    """The README's Quick start command, as written there (its workdir moved to tmp), reaches the eval accuracy
+    the README states, within 0.01: the two cannot drift apart."""
+    import re
+    import shlex
+
     from conftest import minilm_path
 
     minilm_path()
-    proc = run_cli("jaxsft.run", "--config", "configs/classify.py", "--workdir", tmp_path / "w")
+    quick = (ROOT / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    stated = float(re.search(r"(0\.\d+) eval accuracy", quick).group(1))
+    command = shlex.split(re.search(r"python -m jaxsft\.run [^\n`]*", quick).group(0))
+    args = command[3:]
+    args[args.index("--workdir") + 1] = str(tmp_path / "w")
+    proc = run_cli(command[2], *args)
     final = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert abs(final["eval_accuracy"] - stated) <= 0.01, (final, stated)
     assert final["eval_accuracy"] >= 0.80, final
 
 

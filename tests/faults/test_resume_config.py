@@ -42,6 +42,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def test_run_changes_tells_keys_that_define_the_run_from_schedule_keys():
     saved = json.loads(config_lib.to_json(config_lib.load_config_file(str(ROOT / "configs" / "classify.py"))))
+    saved["data"]["label_names"] = ["negative", "positive"]  # as a finished run records its resolved labels
     new = ml_collections.ConfigDict(saved)
     new.seed, new.data.train, new.lora.rank, new.max_length = 7, "other.tsv", 8, 32
     new.max_steps, new.eval_every_steps, new.keep_checkpoints, new.mesh.data = 100, 5, 9, 2
