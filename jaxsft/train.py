@@ -96,7 +96,6 @@ def check_workdir(workdir: Path) -> None:
     p = Path(workdir)
     if p.exists() and not p.is_dir():
         raise UserError(f"--workdir {workdir} is a file, not a folder")
-    check_is_run_folder(p)
     parent = p
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -115,6 +114,7 @@ def check_workdir(workdir: Path) -> None:
         what = "is not writable (creating a file in it" if parent == p else \
             f"cannot be created (making a folder in {parent}"
         raise UserError(f"--workdir {workdir} {what} failed: {e.strerror or type(e).__name__})") from None
+    check_is_run_folder(p)
 
 
 def _check_remote_workdir(workdir) -> None:
