@@ -80,6 +80,7 @@ def test_scanned_layers_cost_is_extrapolated(folders, libtpu):
     assert reports[1].estimated_seconds == pytest.approx(reports[0].estimated_seconds, rel=0.1)
 
 
+@pytest.mark.slow  # ~35 s: two compiles for a v5e-4 mesh
 def test_bert_classification_and_t5_seq2seq_compile(folders, libtpu):
     topo = aot.parse_topology("v5e:2x2")
     bert = load("configs/classify.py", **{"model.name_or_path": folders / "bert", "batch_size": 8, "max_length": 64})

@@ -53,6 +53,7 @@ CASES = (  # (checkpoint, task, model options, mesh (data, fsdp, tensor))
 )
 
 
+@pytest.mark.slow  # ~25 s
 @pytest.mark.mesh
 def test_sharded_load_and_init_on_8_devices_are_bit_identical_to_the_plain_ones(tmp_path):
     bert = make_tiny_classifier(tmp_path / "bert", num_labels=3)

@@ -42,6 +42,7 @@ def data(tmp_path_factory):
     return write_tsv(d / "train.tsv", synthetic_rows(120, 1)), write_tsv(d / "eval.tsv", synthetic_rows(40, 2))
 
 
+@pytest.mark.slow  # ~37 s (tests/faults/test_kill.py covers kill -9 too)
 def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tiny_bert, data, tmp_path, monkeypatch):
     kw = dict(max_steps=11, checkpoint_every_steps=3, eval_every_steps=6)
     full = train_lib.train_and_evaluate(tiny_config(tiny_bert, *data, **kw), tmp_path / "full")
@@ -87,6 +88,7 @@ def test_an_epoch_of_mixed_lengths_compiles_once_per_bucket_used(tiny_bert, data
     assert 1 <= final["train_step_compilations"] <= len(used)
 
 
+@pytest.mark.slow  # ~35 s (the unequal-token test below checks the same step in the fast tier)
 def test_gradient_accumulation_matches_one_big_batch(tiny_bert_no_dropout, data, tmp_path):
     one = train_lib.train_and_evaluate(tiny_config(tiny_bert_no_dropout, *data, max_steps=4), tmp_path / "a")
     acc = train_lib.train_and_evaluate(tiny_config(tiny_bert_no_dropout, *data, max_steps=4,
