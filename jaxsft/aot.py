@@ -251,8 +251,22 @@ def _compile(config, hf_config, mesh, b: int, t: int, u: int | None, quiet: bool
 
     built = aot_steps.build(config, hf_config, mesh)
     fn, step_args = aot_steps.train_step(built, b, t, u)
-    with layers.target_platform("tpu"), _quiet_native_stderr(quiet):
+    # Never through the persistent compilation cache: an executable for a topology without a client cannot be
+    # read back from it, and the compile time this tool reports must be the compiler's.
+    with layers.target_platform("tpu"), _quiet_native_stderr(quiet), _no_cache():
         return fn.lower(*step_args).compile(), built, step_args[1]
+
+
+@contextlib.contextmanager
+def _no_cache():
+    import jax
+
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
 
 
 def _cost(compiled) -> dict:

@@ -62,6 +62,7 @@ def test_tfds_spec_reads_the_split_as_the_other_sources_do(tfds_dir):
     assert isinstance(ds, datasets.Dataset) and len(ds) == 24
     assert sorted(ds.column_names) == ["label", "sentence"]
     assert sorted(zip(ds["sentence"], ds["label"])) == sorted(_rows(24, 1))  # str texts, int labels
+    assert ds.features["label"].names == ["negative", "positive"]  # the ClassLabel's names travel with the ids
     assert len(load_source(f"tfds:{NAME}:test", "data.eval", tfds_data_dir=str(tfds_dir))) == 8
     assert len(load_source(f"tfds:{NAME}:train[:25%]", "data.train", tfds_data_dir=str(tfds_dir))) == 6
     assert len(load_source(f"tfds:{NAME}", "data.train", tfds_data_dir=str(tfds_dir))) == 24  # default: train

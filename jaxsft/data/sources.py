@@ -421,8 +421,28 @@ def load_tfds(spec: str, key: str, data_dir: str | None = None):
         got = source.__getitems__(idx) if hasattr(source, "__getitems__") else [source[i] for i in idx]
         rows.extend(_plain_record(r) for r in got)
     ds = datasets.Dataset.from_list(rows)
+    ds = _with_class_names(ds, source)
     log.info("%s: %s: %d rows from TFDS %s split %s (columns %s)", key, spec, n, name, split,
              ", ".join(ds.column_names))
+    return ds
+
+
+def _with_class_names(ds, source):
+    """Top-level TFDS ClassLabel features become `datasets.ClassLabel` columns: the ids stay, and their names
+    travel with the data (classification takes them as label names when `data.label_names` is not set)."""
+    import datasets
+
+    try:
+        features = source.dataset_info.features
+        import tensorflow_datasets as tfds
+        named = {k: list(f.names) for k, f in features.items()
+                 if isinstance(f, tfds.features.ClassLabel) and f.names and k in ds.column_names}
+    except Exception:  # no info on this source: the ids alone
+        return ds
+    for column, names in named.items():
+        values = ds[column]
+        if all(isinstance(v, int) and 0 <= v < len(names) for v in values):
+            ds = ds.cast_column(column, datasets.ClassLabel(names=names))
     return ds
 
 

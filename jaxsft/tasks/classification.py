@@ -115,8 +115,13 @@ def resolve_labels(config, train_ds) -> None:
         d.label_names = None
         return
     kind = _label_kind(values, "data.train", d.label_field)
+    feature = getattr(train_ds, "features", {}).get(d.label_field)
+    class_names = list(feature.names) if type(feature).__name__ == "ClassLabel" and feature.names else None
     if d.label_names:
         names = list(d.label_names)
+    elif class_names and kind is int and len(class_names) >= 2:  # the source names its classes (TFDS, HF)
+        names = class_names
+        log.info("data.train: label names from the data set's ClassLabel feature: %s", names[:20])
     else:
         uniq = sorted(set(values))
         if kind is float:
@@ -129,7 +134,7 @@ def resolve_labels(config, train_ds) -> None:
         names = list(range(config.model.num_labels)) if kind is int else names
     if len(names) < 2:
         raise UserError(f"data.train: only one label value ({names[0]!r}); classification needs at least two")
-    if not d.label_names:
+    if not d.label_names and names is not class_names:
         log.info("data.train: %d labels inferred from the data: %s (data.label_names to set them)", len(names),
                  names[:20])
     d.label_names = names

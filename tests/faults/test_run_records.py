@@ -117,7 +117,9 @@ def test_a_run_writes_environment_json_and_a_step_0_row_of_data_counts(tiny_bert
            "examples (kept)" in err, err[-3000:]
 
     rows = [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0] == {"step": 0, "time": rows[0]["time"], "data_train_empty": 2, "data_train_truncated": 2,
+    assert rows[0]["run_started"] <= rows[0]["time"]  # the report's wall time counts from the run's start
+    assert rows[0] == {"step": 0, "time": rows[0]["time"], "run_started": rows[0]["run_started"],
+                       "data_train_empty": 2, "data_train_truncated": 2,
                        "data_train_duplicates": duplicates(train_rows), "data_eval_empty": 2,
                        "data_eval_truncated": 2, "data_eval_duplicates": duplicates(eval_rows)}
     assert duplicates(eval_rows) >= 1 and [r["step"] for r in rows if "loss" in r] == [1, 2]
