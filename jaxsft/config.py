@@ -344,6 +344,11 @@ def check_values(config: ml_collections.ConfigDict) -> None:
             seen.add(item)
             if isinstance(item, str) and not item.strip():
                 raise UserError(f"config.{key}: an empty name in {list(value)}")
+    from jaxsft import optim
+
+    for key, choices in (("lr_scheduler_type", optim.SCHEDULES), ("decay_type", optim.WSD_SHAPES)):
+        if config[key] not in choices:
+            raise UserError(f"config.{key} must be one of {', '.join(choices)}, got {config[key]!r}")
     d = config.data
     if config.task == "classification" and len(d.text_fields) not in (1, 2):
         raise UserError(f"config.data.text_fields: one field, or two for sentence pairs; got {list(d.text_fields)}")

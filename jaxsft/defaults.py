@@ -63,9 +63,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.max_steps = -1  # > 0 wins over num_epochs
 
     c.optimizer = "adamw"  # adamw | adafactor (T5's: updates scaled by each weight's RMS, factored second moments)
-    c.learning_rate = 5e-5  # peak rate: linear warmup to it, then linear decay to 0
+    c.learning_rate = 5e-5  # peak rate: linear warmup to it, then the lr_scheduler_type's decay
+    # transformers' schedules, step for step: linear (to 0) | cosine (to 0) | cosine_with_min_lr (to min_lr_ratio) |
+    # constant (no warmup) | constant_with_warmup | inverse_sqrt | warmup_stable_decay (warmup, constant, decay)
+    c.lr_scheduler_type = "linear"
     c.warmup_steps = 0  # > 0 wins over warmup_ratio
     c.warmup_ratio = 0.0  # share of the run's steps spent warming up, in [0, 1]
+    c.min_lr_ratio = 0.0  # cosine_with_min_lr, warmup_stable_decay: the floor, as a share of learning_rate
+    c.decay_steps = 0  # warmup_stable_decay: steps of the final decay; > 0 wins over decay_ratio
+    c.decay_ratio = 0.1  # warmup_stable_decay: share of the run's steps spent in the final decay
+    c.decay_type = "cosine"  # warmup_stable_decay: the decay's shape: linear | cosine | 1-sqrt
+    c.inverse_sqrt_timescale = config_dict.placeholder(int)  # inverse_sqrt; None: warmup steps, else 10000
     c.weight_decay = 0.0  # decoupled, on matrices only (not biases / norms)
     c.max_grad_norm = 1.0  # clip the global gradient norm to this; 0: no clipping
     c.adam_beta1 = 0.9  # adamw
@@ -130,6 +138,10 @@ RANGES: dict[str, tuple[str, str]] = {
     "learning_rate": ("(0, inf)", ""),
     "warmup_steps": ("[0, inf)", ""),
     "warmup_ratio": ("[0, 1]", "a share of the run's steps; above 1 the peak rate is never reached"),
+    "min_lr_ratio": ("[0, 1]", "a share of learning_rate"),
+    "decay_steps": ("[0, inf)", "0: decay_ratio"),
+    "decay_ratio": ("[0, 1]", "a share of the run's steps"),
+    "inverse_sqrt_timescale": ("[1, inf)", "None: the warmup steps, else 10000"),
     "weight_decay": ("[0, inf)", ""),
     "max_grad_norm": ("[0, inf)", "0: no clipping"),
     "adam_beta1": ("[0, 1)", ""),

@@ -136,3 +136,59 @@ def test_decay_mask_of_scanned_layers_equals_the_per_layer_one():
         build_model(hf_config, "causal_lm", jnp.float32, 0, {"scan_layers": True}), nnx.Param))))
     assert any(stacked_parts(p) for p in stacked)
     assert {(unstack_path(p, 0) if stacked_parts(p) else p): m for p, m in stacked.items()} == per_layer
+
+
+SCHEDULE_CASES = [  # (lr_scheduler_type, our keys, transformers' scheduler_specific_kwargs)
+    ("linear", {}, {}),
+    ("cosine", {}, {}),
+    ("cosine_with_min_lr", {"min_lr_ratio": 0.1}, {"min_lr_rate": 0.1}),
+    ("constant", {}, {}),
+    ("constant_with_warmup", {}, {}),
+    ("inverse_sqrt", {}, {}),
+    ("inverse_sqrt", {"inverse_sqrt_timescale": 20}, {"timescale": 20}),
+    ("warmup_stable_decay", {"decay_steps": 12, "min_lr_ratio": 0.05}, {"num_decay_steps": 12, "min_lr_ratio": 0.05}),
+    ("warmup_stable_decay", {"decay_ratio": 0.3, "decay_type": "linear"},
+     {"num_decay_steps": 15, "decay_type": "linear"}),
+    ("warmup_stable_decay", {"decay_steps": 9, "decay_type": "1-sqrt"}, {"num_decay_steps": 9, "decay_type": "1-sqrt"}),
+]
+
+
+@pytest.mark.parametrize("warmup", [0, 7])
+@pytest.mark.parametrize("kind, ours, theirs", SCHEDULE_CASES, ids=lambda v: v if isinstance(v, str) else "")
+def test_learning_rate_schedules_equal_transformers_at_every_step(kind, ours, theirs, warmup):
+    """The rate of every optimizer step equals what transformers' get_scheduler gives HF Trainer's step."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+
+    total, peak = 50, 3e-4
+    config = base_config()
+    config.learning_rate, config.warmup_steps, config.lr_scheduler_type = peak, warmup, kind
+    config.update(ours)
+    _, lr = optim.make_optimizer(config, total)
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = transformers.get_scheduler(kind, opt, num_warmup_steps=warmup, num_training_steps=total,
+                                       scheduler_specific_kwargs=dict(theirs))
+    want = []
+    for _ in range(total):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    got = [float(lr(step)) for step in range(total)]
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=peak * 1e-7)  # float32 cosines
+    if warmup and kind != "constant":  # the warmup itself, from 0 (HF's WSD: from min_lr_ratio)
+        assert got[0] == pytest.approx(peak * ours.get("min_lr_ratio", 0.0) if kind == "warmup_stable_decay" else 0.0)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("lr_scheduler_type", "cosine_restarts", "lr_scheduler_type must be one of"),
+    ("decay_type", "exp", "decay_type must be one of"), ("min_lr_ratio", 1.5, "min_lr_ratio must be")])
+def test_bad_schedule_settings_are_one_line_errors(key, value, words):
+    from jaxsft.config import check_values
+
+    config = base_config()
+    config[key] = value
+    with pytest.raises(UserError) as e:
+        check_values(config)
+    assert words in str(e.value) and "\n" not in str(e.value)

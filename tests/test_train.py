@@ -210,10 +210,17 @@ def test_evaluate_reproduces_training_eval_and_export_agrees_with_transformers(t
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     w = tmp_path / "w"
-    run_cli("jaxsft.run", *cli_args(tiny_bert, *data, w, "--config.num_epochs=2", "--config.batch_size=8"))
+    run_cli("jaxsft.run", *cli_args(tiny_bert, *data, w, "--config.num_epochs=2", "--config.batch_size=8",
+                                    "--config.lr_scheduler_type=cosine", "--config.warmup_steps=2"))
     assert {p.name for p in w.iterdir()} >= {"config.json", "hf", "checkpoints", "metrics.jsonl"}
     train_ev, eval_ev = events(w, "loss"), events(w, "eval_accuracy")
     assert all({"learning_rate", "grad_norm", "examples_per_second"} <= e.keys() for e in train_ev)
+    # step s trained at transformers' cosine schedule (2 warmup steps) of step s - 1, as HF Trainer's would
+    from transformers.optimization import _get_cosine_schedule_with_warmup_lr_lambda as hf_cosine
+    total = train_ev[-1]["step"]
+    want = [1e-3 * hf_cosine(e["step"] - 1, num_warmup_steps=2, num_training_steps=total, num_cycles=0.5)
+            for e in train_ev]
+    np.testing.assert_allclose([e["learning_rate"] for e in train_ev], want, rtol=1e-6, atol=1e-10)
     assert all({"eval_loss", "eval_f1", "eval_mcc"} <= e.keys() for e in eval_ev)
     best = max(eval_ev, key=lambda e: (e["eval_accuracy"], e["step"]))
     proc = run_cli("jaxsft.evaluate", "--workdir", w, "--predictions", tmp_path / "pred.jsonl")
