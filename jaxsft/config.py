@@ -238,7 +238,7 @@ RESUMABLE = ("max_steps", "num_epochs", "log_every_steps", "eval_every_steps", "
              "gradient_accumulation_steps", "skip_nonfinite_updates", "data.buckets", "data.num_buckets",
              "data.tfds_data_dir",
              "mesh.", "decode.", "model.remat", "chunked_loss_size", "precompile",
-             "compilation_cache")
+             "compilation_cache", "early_stopping_patience", "early_stopping_threshold")
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:

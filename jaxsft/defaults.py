@@ -94,6 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2  # the newest N, plus the best by checkpoint_metric
     c.checkpoint_metric = config_dict.placeholder(str)  # None: the task's (eval_accuracy for classification)
     c.checkpoint_mode = config_dict.placeholder(str)  # max | min; None: the task's
+    c.early_stopping_patience = 0  # N > 0: stop after N evaluations in a row without a better checkpoint_metric; 0: off
+    c.early_stopping_threshold = 0.0  # an evaluation is better only if it beats the best so far by more than this
 
     # Decoding for seq2seq evaluation / generation; None: the checkpoint's generation_config.json
     c.decode = ml_collections.ConfigDict()
@@ -151,6 +153,8 @@ RANGES: dict[str, tuple[str, str]] = {
     "chunked_loss_size": ("[0, inf)", "0: all at once"),
     "log_every_steps": ("[1, inf)", ""),
     "keep_checkpoints": ("[1, inf)", "the best is kept as well"),
+    "early_stopping_patience": ("[0, inf)", "0: off"),
+    "early_stopping_threshold": ("[0, inf)", "0: any improvement counts"),
     "decode.num_beams": ("[1, inf)", "1: greedy"),
     "decode.max_new_tokens": ("[1, inf)", ""),
     "lora.rank": ("[0, inf)", "0: off"),

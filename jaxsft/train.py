@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import operator
 import os
 import shutil
 import signal
@@ -378,6 +380,33 @@ def _drain(pending: list, ckpts: Checkpoints, skip: bool) -> tuple[float, float,
             int(sum(not v["finite"] for v in vals)), float(vals[-1]["grad_norm"]))
 
 
+class EarlyStopping:
+    """transformers' EarlyStoppingCallback on the checkpoint metric: an evaluation resets the count if it beats the
+    best of the earlier ones (in `mode`: max | min) by more than `threshold` (the first always does), else adds one;
+    `stop` once the count reaches `patience` (0: never). The best then follows every strictly better value, as
+    Trainer._determine_best_metric moves state.best_metric (from -inf / inf)."""
+
+    def __init__(self, patience: int, threshold: float, mode: str, best: float | None = None, counter: int = 0):
+        self.patience, self.threshold, self.best, self.counter = patience, threshold, best, counter
+        self.better = operator.gt if mode == "max" else operator.lt
+
+    def update(self, value: float) -> bool:
+        value = float(value)
+        if self.best is None or (self.better(value, self.best) and abs(value - self.best) > self.threshold):
+            self.counter = 0
+        else:
+            self.counter += 1
+        if self.best is None:
+            self.best = -math.inf if self.better is operator.gt else math.inf
+        if self.better(value, self.best):
+            self.best = value
+        return self.stop
+
+    @property
+    def stop(self) -> bool:
+        return 0 < self.patience <= self.counter
+
+
 def train_and_evaluate(config, workdir: str | Path, *, force: bool = False) -> dict:
     """Fine-tunes per config, evaluating and checkpointing into workdir; resumes if workdir has checkpoints
     (refused if the config changes a key that defines the run, unless `force`)."""
@@ -418,6 +447,9 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
         start = getattr(hf_config, "decoder_start_token_id", None)
         config.model.decoder_start_token_id = tokenizer.pad_token_id if start is None else int(start)
     train_ds, eval_ds = pipeline.load_splits(config)
+    if config.early_stopping_patience > 0 and eval_ds is None:
+        raise UserError(f"config.early_stopping_patience={config.early_stopping_patience} needs evaluation data, but "
+                        "config.data.eval is not set (nor data.eval_fraction); set one, or early_stopping_patience=0")
     task.resolve_labels(config, train_ds)
     # 1 process: the whole split tokenized; several: each its share, then its rows of each batch as they come
     train = sharded.featurize(task, train_ds, tokenizer, config, "data.train", config.data.train)
@@ -506,6 +538,14 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
         state, meta = restored
         log.info("resuming from step %d (epoch %d, batch %d) in %s", meta["step"], meta["epoch"],
                  meta["batch_in_epoch"], workdir / "checkpoints")
+    early = EarlyStopping(config.early_stopping_patience, config.early_stopping_threshold, config.checkpoint_mode)
+    saved = meta.get("early_stopping", {})  # counted for this metric and mode only
+    if (saved.get("metric"), saved.get("mode")) == (config.checkpoint_metric, config.checkpoint_mode):
+        early.best, early.counter = saved["best"], saved["counter"]
+    stopped_early = meta.get("early_stopped_at") if early.stop else None  # a rerun after an early stop: done
+    if stopped_early is not None:
+        log.info("the run stopped early at step %d (%s did not improve for %d evaluations); nothing left to train",
+                 stopped_early, config.checkpoint_metric, early.counter)
     step, epoch, batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
     acc_loss, acc_count = meta["acc_loss_sum"], meta["acc_count"]
     skip, skipped = bool(config.skip_nonfinite_updates), int(meta.get("skipped_updates", 0))
@@ -517,7 +557,8 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
              100 * padding_share(train.lengths, plan.epoch(0), config.batch_size, bucket_list), bucket_list)
 
     train_step = precompile.Ahead(train_step, batch_arg=1)
-    if config.get("precompile", True) and step < total:  # every batch shape, train and eval, compiled in parallel
+    # every batch shape, train and eval, compiled in parallel
+    if config.get("precompile", True) and step < total and stopped_early is None:
         upcoming, e, b = [], epoch, batch_in_epoch
         while len(upcoming) < total - step and e <= epoch + 1:  # shapes repeat across epochs
             upcoming += plan.epoch(e)[b:]
@@ -557,11 +598,13 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
 
     def save_checkpoint(metrics: dict | None, **extra) -> None:
         meta = {"step": step, "epoch": epoch_after, "batch_in_epoch": batch_after, "acc_loss_sum": acc_loss,
-                "acc_count": acc_count, "eval_metrics": last_metrics, "skipped_updates": skipped, **extra}
+                "acc_count": acc_count, "eval_metrics": last_metrics, "skipped_updates": skipped,
+                "early_stopping": {"metric": config.checkpoint_metric, "mode": config.checkpoint_mode,
+                                   "best": early.best, "counter": early.counter}, **extra}
         ckpts.save(step, state, meta, metrics)
         writer.flush()  # gs://: metrics.jsonl written whole beside each checkpoint (locally always current)
 
-    while step < total:
+    while step < total and stopped_early is None:
         batches = plan.epoch(epoch)
         for bi in range(batch_in_epoch, len(batches)):
             if step >= total:
@@ -593,16 +636,29 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
             ckpt_due = (ckpt_every > 0 and step % ckpt_every == 0) or (ckpt_every <= 0 and eval_due) \
                 or step == total
             stopping = stop.synced_stop(step) and step < total
-            if (ckpt_due or stopping) and pending:  # checked, and the unlogged loss saved with the checkpoint
+            # checked, and the unlogged loss saved with the checkpoint (an eval may stop the run early: one then)
+            if (ckpt_due or stopping or (eval_due and early.patience > 0)) and pending:
                 loss_sum, count, n_skipped, _ = _drain(pending, ckpts, skip)
                 acc_loss, acc_count, skipped, pending = acc_loss + loss_sum, acc_count + count, skipped + n_skipped, []
             if evals is not None and (eval_due or ckpt_due):  # every checkpoint carries its eval metrics
                 last_metrics = evaluate(step)
                 progress.set_eval(step, config.checkpoint_metric, last_metrics.get(config.checkpoint_metric))
                 t_log = time.time()
+                value = last_metrics.get(config.checkpoint_metric)
+                if value is None and early.patience > 0:  # as transformers: this evaluation is not counted
+                    log.warning("warning: early stopping: no %s in the eval metrics at step %d, so not counted",
+                                config.checkpoint_metric, step)
+                elif value is not None and early.update(value):
+                    stopped_early, ckpt_due = step, True  # ends the run with a checkpoint of this step
+                    log.info("early stopping at step %d: %s has not improved by more than %s for %d evaluations "
+                             "(best %s)", step, config.checkpoint_metric, early.threshold, early.patience,
+                             round(early.best, 6))
+                    writer.write(step, {"early_stopped": True, "early_stopping_best": early.best})
             if ckpt_due:
-                save_checkpoint(last_metrics)
+                save_checkpoint(last_metrics, **({"early_stopped_at": step} if stopped_early is not None else {}))
                 t_log = time.time()
+            if stopped_early is not None:
+                break
             if stopping:
                 if not ckpt_due:  # no eval of its own: kept as the newest, never picked as the best
                     save_checkpoint(None, stopped_by=stop.name)
@@ -617,7 +673,8 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
     progress.close()
     ckpts.close()
     writer.close()
-    final = {"step": step, **last_metrics, "train_step_compilations": train_step.compilations}
+    final = {"step": step, **last_metrics, "train_step_compilations": train_step.compilations,
+             **({"early_stopped_at": stopped_early} if stopped_early is not None else {})}
     log.info("done: %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in final.items()})
     if jax.process_index() == 0:
         try:
