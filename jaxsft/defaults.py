@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.adam_beta2 = 0.999  # adamw
     c.adam_epsilon = 1e-8  # adamw
     c.label_smoothing = 0.0  # in [0, 1)
+    # NEFTune: uniform noise of magnitude alpha / sqrt(length * hidden) on the input embeddings while training, as
+    # transformers' / TRL's neftune_noise_alpha (5 in the paper); decoder families (llama & co., gpt2); 0: off
+    c.neftune_noise_alpha = 0.0
     c.chunked_loss_size = 0  # causal_lm: > 0 computes logits + cross-entropy this many tokens at a time (never the
     # whole (batch, T, vocab) float32 logits; the backward pass recomputes each chunk's logits); 0: all at once
     c.skip_nonfinite_updates = False  # True: a step with a NaN/inf loss or gradient leaves the weights as they were
@@ -150,6 +153,7 @@ RANGES: dict[str, tuple[str, str]] = {
     "adam_beta2": ("[0, 1)", ""),
     "adam_epsilon": ("(0, inf)", ""),
     "label_smoothing": ("[0, 1)", ""),
+    "neftune_noise_alpha": ("[0, inf)", "0: off"),
     "chunked_loss_size": ("[0, inf)", "0: all at once"),
     "log_every_steps": ("[1, inf)", ""),
     "keep_checkpoints": ("[1, inf)", "the best is kept as well"),

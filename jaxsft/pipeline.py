@@ -205,6 +205,7 @@ def build(hf_config, config, *, with_lora: bool = True):
     from jaxsft.models import build_model, compute_dtype, lora
 
     options = {k: config.model.get(k) for k in ("remat", "scan_layers")}  # .get: workdirs from before the keys
+    options["neftune_noise_alpha"] = config.get("neftune_noise_alpha")
     if options.get("scan_layers") and config.lora.rank and config.lora.rank > 0:
         raise UserError("config.model.scan_layers=True with LoRA (lora.rank > 0) is not supported yet; "
                         "set model.scan_layers=False")

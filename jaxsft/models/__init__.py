@@ -104,13 +104,14 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)  # in the checkpoint, unused
 
 
-MODEL_OPTION_DEFAULTS = {"remat": "none", "scan_layers": False}
+MODEL_OPTION_DEFAULTS = {"remat": "none", "scan_layers": False, "neftune_noise_alpha": 0.0}
+OPTION_KEYS = {"remat": "model.remat", "scan_layers": "model.scan_layers", "neftune_noise_alpha": "neftune_noise_alpha"}
 
 
 def build_model(hf_config, task: str, dtype, seed: int, options: dict | None = None) -> nnx.Module:
     """A randomly initialised model of the checkpoint's family with the head `task` needs. `options`
-    (config.model.remat, .scan_layers): passed on when set away from their defaults, to the families that take
-    them (a family's OPTIONS); elsewhere a non-default one is refused."""
+    (config.model.remat, .scan_layers, config.neftune_noise_alpha): passed on when set away from their defaults,
+    to the families that take them (a family's OPTIONS); elsewhere a non-default one is refused."""
     family = family_for(hf_config)
     set_options = {k: v for k, v in (options or {}).items() if v is not None and v != MODEL_OPTION_DEFAULTS.get(k)}
     unsupported = sorted(set(set_options) - set(getattr(family, "OPTIONS", ())))
@@ -118,7 +119,8 @@ def build_model(hf_config, task: str, dtype, seed: int, options: dict | None = N
         from jaxsft.models.registry import FAMILIES
 
         able = sorted(t for t, f in FAMILIES.items() if unsupported[0] in getattr(f, "OPTIONS", ()))
-        raise UserError(f"config.model.{unsupported[0]}={set_options[unsupported[0]]!r} is not available for "
+        key = OPTION_KEYS.get(unsupported[0], f"model.{unsupported[0]}")
+        raise UserError(f"config.{key}={set_options[unsupported[0]]!r} is not available for "
                         f"{family.__name__.rsplit('.', 1)[-1]} models (only for {', '.join(able)})")
     return builder(family, task)(hf_config, dtype, nnx.Rngs(seed), **set_options)
 

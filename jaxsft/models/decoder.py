@@ -24,6 +24,7 @@ from jaxsft.models.layers import (
     decoder_context,
     dense,
     embed,
+    neftune,
     packed_mask,
     remat_policy,
     rope_parameters,
@@ -142,7 +143,9 @@ class DecoderModel(nnx.Module):
     per index (models.stacked_parts). Scanning needs the same attention window in every layer.
     """
 
-    def __init__(self, cfg, dtype, rngs: nnx.Rngs, *, remat: str = "none", scan_layers: bool = False):
+    def __init__(self, cfg, dtype, rngs: nnx.Rngs, *, remat: str = "none", scan_layers: bool = False,
+                 neftune_noise_alpha: float = 0.0):
+        self.neftune_noise_alpha = float(neftune_noise_alpha or 0.0)
         self.embed_tokens = embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs, std=cfg.initializer_range)
         windows = layer_windows(cfg)
         layers = [DecoderLayer(cfg, w, dtype, rngs) for w in windows]
@@ -168,7 +171,7 @@ class DecoderModel(nnx.Module):
         positions, mask_for = decoder_context(input_ids, attention_mask, positions, segment_ids, cache_index,
                                               cache is not None)
         rope = rotary_tables(positions, self.inv_freq)
-        x, new_cache = split_batch(self.embed_tokens(input_ids)), {}
+        x, new_cache = split_batch(neftune(self.embed_tokens(input_ids), self.neftune_noise_alpha, rng)), {}
         packed = segment_ids is not None and cache is None and use_packed_attention()
 
         if packed and attention_mask is not None:
@@ -232,8 +235,8 @@ class DecoderForCausalLM(CausalLM):
 
     base_prefix, embedding_name = "model", "embed_tokens"
 
-    def __init__(self, cfg, dtype=jnp.float32, *, rngs: nnx.Rngs, remat: str = "none", scan_layers: bool = False):
-        super().__init__(DecoderModel(cfg, dtype, rngs, remat=remat, scan_layers=scan_layers), cfg, dtype, rngs,
+    def __init__(self, cfg, dtype=jnp.float32, *, rngs: nnx.Rngs, **options):
+        super().__init__(DecoderModel(cfg, dtype, rngs, **options), cfg, dtype, rngs,
                          kv_heads=kv_heads(cfg), head_dim=head_dim(cfg),
                          tied=bool(getattr(cfg, "tie_word_embeddings", False)))
 
@@ -243,12 +246,12 @@ class DecoderForSequenceClassification(LastTokenClassifier):
 
     base_prefix = "model"
 
-    def __init__(self, cfg, dtype=jnp.float32, *, rngs: nnx.Rngs, remat: str = "none", scan_layers: bool = False):
-        super().__init__(DecoderModel(cfg, dtype, rngs, remat=remat, scan_layers=scan_layers), cfg, dtype, rngs)
+    def __init__(self, cfg, dtype=jnp.float32, *, rngs: nnx.Rngs, **options):
+        super().__init__(DecoderModel(cfg, dtype, rngs, **options), cfg, dtype, rngs)
 
 
-# Model options this family takes from config.model (models.build_model passes them on).
-OPTIONS = ("remat", "scan_layers")
+# Model options this family takes from the config (models.build_model passes them on).
+OPTIONS = ("remat", "scan_layers", "neftune_noise_alpha")
 
 
 def causal_lm(cfg, dtype, rngs: nnx.Rngs, **options) -> nnx.Module:

@@ -21,6 +21,7 @@ from jaxsft.models.layers import (
     decoder_context,
     dropout,
     embed,
+    neftune,
     split_batch,
     sub_rng,
     write_kv,
@@ -86,8 +87,9 @@ class GPT2Block(nnx.Module):
 class GPT2Model(nnx.Module):
     """wte + wpe → dropout → blocks → ln_f."""
 
-    def __init__(self, cfg, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg, dtype, rngs: nnx.Rngs, *, neftune_noise_alpha: float = 0.0):
         check_config(cfg)
+        self.neftune_noise_alpha = float(neftune_noise_alpha or 0.0)
         d, std = cfg.hidden_size, cfg.initializer_range
         self.wte = embed(cfg.vocab_size, d, dtype=dtype, rngs=rngs, std=std)
         self.wpe = embed(cfg.max_position_embeddings, d, dtype=dtype, rngs=rngs, std=std)
@@ -101,7 +103,8 @@ class GPT2Model(nnx.Module):
         positions, mask_for = decoder_context(input_ids, attention_mask, positions, segment_ids, cache_index,
                                               cache is not None)
         mask = mask_for()
-        x = split_batch(dropout(self.wte(input_ids) + self.wpe(positions), self.rate, sub_rng(rng, 1000)))
+        tokens = neftune(self.wte(input_ids), self.neftune_noise_alpha, rng)  # HF: the hook on wte's output
+        x = split_batch(dropout(tokens + self.wpe(positions), self.rate, sub_rng(rng, 1000)))
         new_cache = {}
         for i, block in enumerate(self.h):
             x, kv = block(x, mask, sub_rng(rng, i), cache, i, cache_index)
@@ -116,8 +119,8 @@ class GPT2LMHeadModel(CausalLM):
 
     base_prefix, embedding_name = "transformer", "wte"
 
-    def __init__(self, cfg, dtype=jnp.float32, *, rngs: nnx.Rngs):
-        super().__init__(GPT2Model(cfg, dtype, rngs), cfg, dtype, rngs, kv_heads=cfg.num_attention_heads,
+    def __init__(self, cfg, dtype=jnp.float32, *, rngs: nnx.Rngs, **options):
+        super().__init__(GPT2Model(cfg, dtype, rngs, **options), cfg, dtype, rngs, kv_heads=cfg.num_attention_heads,
                          head_dim=cfg.hidden_size // cfg.num_attention_heads,
                          tied=bool(getattr(cfg, "tie_word_embeddings", True)))
 
@@ -125,16 +128,20 @@ class GPT2LMHeadModel(CausalLM):
 class GPT2ForSequenceClassification(LastTokenClassifier):
     base_prefix = "transformer"
 
-    def __init__(self, cfg, dtype=jnp.float32, *, rngs: nnx.Rngs):
-        super().__init__(GPT2Model(cfg, dtype, rngs), cfg, dtype, rngs)
+    def __init__(self, cfg, dtype=jnp.float32, *, rngs: nnx.Rngs, **options):
+        super().__init__(GPT2Model(cfg, dtype, rngs, **options), cfg, dtype, rngs)
 
 
-def causal_lm(cfg, dtype, rngs: nnx.Rngs) -> nnx.Module:
-    return GPT2LMHeadModel(cfg, dtype, rngs=rngs)
+# Model options this family takes from the config (models.build_model passes them on).
+OPTIONS = ("neftune_noise_alpha",)
 
 
-def sequence_classification(cfg, dtype, rngs: nnx.Rngs) -> nnx.Module:
-    return GPT2ForSequenceClassification(cfg, dtype, rngs=rngs)
+def causal_lm(cfg, dtype, rngs: nnx.Rngs, **options) -> nnx.Module:
+    return GPT2LMHeadModel(cfg, dtype, rngs=rngs, **options)
+
+
+def sequence_classification(cfg, dtype, rngs: nnx.Rngs, **options) -> nnx.Module:
+    return GPT2ForSequenceClassification(cfg, dtype, rngs=rngs, **options)
 
 
 def hf_architecture(cfg, task: str) -> str:

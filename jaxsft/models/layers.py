@@ -98,6 +98,20 @@ def dropout_keep(rng, shape: tuple, rate: float):
     return bits >= jnp.uint32(min(round(rate * 2.0**32), 2**32 - 1))
 
 
+NEFTUNE_KEY = 7919  # folded into the step's key for the embedding noise, apart from every dropout site's
+
+
+def neftune(x, alpha: float, rng):
+    """NEFTune (Jain et al., 2023) as transformers' `neftune_post_forward_hook` defines it: while training (a key
+    given), the input embeddings (batch, L, d) get uniform noise in [-alpha / sqrt(L * d), +alpha / sqrt(L * d)],
+    L the batch's padded length; unchanged in evaluation and decoding, or with alpha 0."""
+    if not alpha or rng is None:
+        return x
+    mag = alpha / math.sqrt(x.shape[1] * x.shape[2])
+    noise = jax.random.uniform(jax.random.fold_in(rng, NEFTUNE_KEY), x.shape, F32, -mag, mag)
+    return (x.astype(F32) + noise).astype(x.dtype)
+
+
 def sub_rng(rng, *ids: int):
     """A distinct dropout key per call site; None stays None."""
     if rng is None:
