@@ -349,6 +349,12 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     for key, choices in (("lr_scheduler_type", optim.SCHEDULES), ("decay_type", optim.WSD_SHAPES)):
         if config[key] not in choices:
             raise UserError(f"config.{key} must be one of {', '.join(choices)}, got {config[key]!r}")
+    from jaxsft.tasks import causal_lm
+
+    unknown = [m for m in config.decode.get("eval_metrics", ()) if m not in causal_lm.GENERATION_METRICS]
+    if unknown:
+        raise UserError(f"config.decode.eval_metrics: unknown metric {unknown[0]!r} (one of "
+                        f"{', '.join(causal_lm.GENERATION_METRICS)})")
     d = config.data
     if config.task == "classification" and len(d.text_fields) not in (1, 2):
         raise UserError(f"config.data.text_fields: one field, or two for sentence pairs; got {list(d.text_fields)}")

@@ -110,6 +110,11 @@ def base_config() -> ml_collections.ConfigDict:
     # transformers does on the exported float32 weights (greedy output token-identical, whatever `dtype` trained);
     # bfloat16 is faster on accelerators but near-tied logits may pick another token
     c.decode.dtype = "float32"
+    # causal_lm: at each evaluation, greedy-decode the first N eval prompts (-1: all; 0: off) and score the
+    # completions against the references with decode.eval_metrics (exact_match, rouge_l, bleu, chrf); the
+    # completions go to W/generations/step_N.jsonl and TensorBoard. Translation data (data.format) decodes all anyway.
+    c.decode.eval_samples = 0
+    c.decode.eval_metrics = ["exact_match", "rouge_l"]
 
     # LoRA (causal_lm and classification): rank 0 = off, full fine-tuning.
     c.lora = ml_collections.ConfigDict()
@@ -161,6 +166,7 @@ RANGES: dict[str, tuple[str, str]] = {
     "early_stopping_threshold": ("[0, inf)", "0: any improvement counts"),
     "decode.num_beams": ("[1, inf)", "1: greedy"),
     "decode.max_new_tokens": ("[1, inf)", ""),
+    "decode.eval_samples": ("[-1, inf)", "-1: all; 0: off"),
     "lora.rank": ("[0, inf)", "0: off"),
     "lora.alpha": ("(0, inf)", ""),
     "lora.dropout": ("[0, 1)", ""),
@@ -172,4 +178,5 @@ ITEMS: dict[str, tuple[type, ...]] = {
     "data.label_names": (str, int),  # class names; integers as they appear in the label column
     "data.buckets": (int,),
     "lora.target_modules": (str,),
+    "decode.eval_metrics": (str,),
 }

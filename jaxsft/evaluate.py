@@ -86,13 +86,14 @@ def main(argv: list[str]) -> int:
     result = {"step": step, **task.compute_metrics(outputs, features, config),
               "num_examples": getattr(features, "num_examples", len(features))}
     hyps = None
+    translation = config.task == "seq2seq" or config.data.format == "translation"
     hypotheses = pipeline.hypothesis_fn(task, functional, config, folder, hf_config, tokenizer, mesh)
-    if hypotheses is not None:  # translation: decode and score BLEU / chrF (when the data has targets)
+    if hypotheses is not None:  # translation / decode.eval_samples: decode and score (when the data has targets)
         hyps = hypotheses(params, features)
-        if config.data.target_field in ds.column_names:
+        if not translation or config.data.target_field in ds.column_names:
             result.update(task.generation_metrics(hyps, features, config))
     if args.predictions:
-        if hyps is not None:  # one hypothesis per line, eval-set order (sacrebleu-ready)
+        if hyps is not None and translation:  # one hypothesis per line, eval-set order (sacrebleu-ready)
             if cli.is_main():
                 Path(args.predictions).write_text("".join(line + "\n" for line in task.prediction_lines(hyps)))
         else:  # causal_lm decodes on every process (collective); one writes

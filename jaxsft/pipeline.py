@@ -315,8 +315,9 @@ def translate(generator, params, features, task, config, tokenizer, mesh) -> lis
 
 
 def hypothesis_fn(task, functional, config, folder: Path, hf_config, tokenizer, mesh):
-    """For tasks that score generations at evaluation (translation): params, features → hypothesis strings;
-    None when the task and config do not generate."""
+    """For tasks that score generations at evaluation (translation; causal_lm with decode.eval_samples): params,
+    features → hypothesis strings (causal_lm: of task.generation_prompts); None when the task and config do not
+    generate."""
     if not getattr(task, "eval_generates", lambda c: False)(config):
         return None
     if config.task == "seq2seq":
@@ -325,7 +326,7 @@ def hypothesis_fn(task, functional, config, folder: Path, hf_config, tokenizer, 
     complete = prompt_completer(decoding_functional(functional, hf_config, config), config, folder, tokenizer,
                                 config.decode.max_new_tokens or 128, eval_batch_size(config, mesh))
     return lambda params, features: complete(params, [task.encode_prompt(tokenizer, config, p)
-                                                      for p in features.prompts])
+                                                      for p in task.generation_prompts(features, config)])
 
 
 def prompt_completer(functional, config, folder: Path, tokenizer, max_new_tokens: int, batch_size: int):

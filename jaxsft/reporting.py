@@ -75,6 +75,22 @@ class MetricsWriter:
         if self.remote and now - self._uploaded >= self.REMOTE_FLUSH_SECONDS:
             self.flush()
 
+    def write_generations(self, step: int, rows: list[dict]) -> None:
+        """The completions decoded at an evaluation: W/generations/step_N.jsonl (one JSON row each) and TensorBoard
+        text (`eval_generations`, a markdown table of the first 20)."""
+        if not self.enabled or not rows:
+            return
+        folder = self.path.parent / "generations"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"step_{int(step)}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if self.tb is not None:
+            cell = lambda t: str(t).replace("|", "\\|").replace("\n", " ")[:500]  # noqa: E731
+            table = "| prompt | reference | completion |\n| --- | --- | --- |\n" + "".join(
+                f"| {cell(r.get('prompt', ''))} | {cell(r.get('reference', ''))} | {cell(r.get('completion', ''))} |\n"
+                for r in rows[:20])
+            self.tb.add_text("eval_generations", table, global_step=int(step))
+            self.tb.flush()
+
     def flush(self) -> None:
         """Remote: writes metrics.jsonl and the TensorBoard event files whole (local files are always current)."""
         if not (self.enabled and self.remote):

@@ -581,8 +581,11 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
         params_now = {**state.get("frozen", {}), **state["params"]}
         outputs = pipeline.predict(eval_step, params_now, evals, config, mesh, task, pad_id)
         m = task.compute_metrics(outputs, evals, config)
-        if hypotheses is not None:  # translation: decode the eval set and score the hypotheses
-            m.update(task.generation_metrics(hypotheses(params_now, evals), evals, config))
+        if hypotheses is not None:  # translation, or decode.eval_samples: decode and score the hypotheses
+            hyps = hypotheses(params_now, evals)
+            m.update(task.generation_metrics(hyps, evals, config))
+            if hasattr(task, "generation_rows"):
+                writer.write_generations(step_no, task.generation_rows(hyps, evals, config))
         m["eval_seconds"] = round(time.time() - t0, 3)
         writer.write(step_no, {**m, "epoch": round(step_no / plan.num_batches, 4)})
         log.info("eval at step %d: %s", step_no, {k: round(v, 4) if isinstance(v, float) else v

@@ -86,14 +86,57 @@ def checkpoint_metric(config) -> tuple[str, str]:
 
 
 def eval_generates(config) -> bool:
-    """Translation prompts (data.format "translation") are scored by BLEU/chrF on greedy generations."""
-    return config.data.format == "translation"
+    """Translation prompts (data.format "translation") are scored by BLEU/chrF on greedy generations of the whole
+    eval set; other data when decode.eval_samples is set (the first N prompts, -1: all)."""
+    return config.data.format == "translation" or bool(config.decode.get("eval_samples"))
+
+
+def generation_prompts(features, config) -> list[str]:
+    """The eval prompts decoded at each evaluation: all for translation, else the first decode.eval_samples."""
+    n = config.decode.get("eval_samples") or 0
+    return features.prompts if config.data.format == "translation" or n < 0 else features.prompts[:n]
+
+
+GENERATION_METRICS = ("exact_match", "rouge_l", "bleu", "chrf")
 
 
 def generation_metrics(hypotheses: list[str], features, config) -> dict:
+    """Translation: sacrebleu BLEU / chrF against the targets (eval_bleu, eval_chrf), as seq2seq. Otherwise the
+    decode.eval_metrics of the completions against the references (the completion, or the last assistant reply),
+    as `eval_gen_<metric>` in percent: exact_match (equal after stripping surrounding whitespace), rouge_l (the mean
+    ROUGE-L F1 of Google's rouge-score package, no stemming: HF evaluate's `rougeL` defaults), bleu / chrf
+    (sacrebleu corpus scores, default settings); plus eval_gen_samples."""
     from jaxsft.tasks import seq2seq
 
-    return seq2seq.generation_metrics(hypotheses, features, config)
+    if config.data.format == "translation":
+        return seq2seq.generation_metrics(hypotheses, features, config)
+    refs = list(features.references[:len(hypotheses)])
+    hyps = list(hypotheses)
+    if not hyps:
+        return {}
+    out: dict = {"eval_gen_samples": len(hyps)}
+    for metric in config.decode.get("eval_metrics") or ():
+        if metric == "exact_match":
+            out["eval_gen_exact_match"] = 100.0 * float(np.mean([h.strip() == r.strip() for h, r in zip(hyps, refs)]))
+        elif metric == "rouge_l":
+            from rouge_score import rouge_scorer
+
+            scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+            out["eval_gen_rouge_l"] = 100.0 * float(np.mean([scorer.score(r, h)["rougeL"].fmeasure
+                                                             for h, r in zip(hyps, refs)]))
+        elif metric in ("bleu", "chrf"):
+            from sacrebleu.metrics import BLEU, CHRF
+
+            scorer = BLEU() if metric == "bleu" else CHRF()
+            lines = seq2seq.prediction_lines
+            out[f"eval_gen_{metric}"] = float(scorer.corpus_score(lines(hyps), [lines(refs)]).score)
+    return out
+
+
+def generation_rows(hypotheses: list[str], features, config) -> list[dict]:
+    """One JSON row per decoded eval prompt: index, prompt, reference, completion."""
+    return [{"index": i, "prompt": p, "reference": r, "completion": h}
+            for i, (p, r, h) in enumerate(zip(features.prompts, features.references, hypotheses))]
 
 
 def id2label(config) -> dict[int, str]:
