@@ -238,7 +238,8 @@ RESUMABLE = ("max_steps", "num_epochs", "log_every_steps", "eval_every_steps", "
              "gradient_accumulation_steps", "skip_nonfinite_updates", "data.buckets", "data.num_buckets",
              "data.tfds_data_dir",
              "mesh.", "decode.", "model.remat", "chunked_loss_size", "precompile",
-             "compilation_cache", "early_stopping_patience", "early_stopping_threshold")
+             "compilation_cache", "early_stopping_patience", "early_stopping_threshold", "report_to",
+             "wandb_project")
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -349,6 +350,15 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     for key, choices in (("lr_scheduler_type", optim.SCHEDULES), ("decay_type", optim.WSD_SHAPES)):
         if config[key] not in choices:
             raise UserError(f"config.{key} must be one of {', '.join(choices)}, got {config[key]!r}")
+    bad = [r for r in config.get("report_to", ()) if r not in ("tensorboard", "wandb")]
+    if bad:
+        raise UserError(f"config.report_to: unknown destination {bad[0]!r} (tensorboard, wandb)")
+    if "wandb" in config.get("report_to", ()):
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError("config.report_to includes wandb, but the wandb package is not installed: "
+                            "pip install 'jaxsft[wandb]' (or wandb)")
     from jaxsft.tasks import causal_lm
 
     unknown = [m for m in config.decode.get("eval_metrics", ()) if m not in causal_lm.GENERATION_METRICS]

@@ -90,6 +90,11 @@ def base_config() -> ml_collections.ConfigDict:
     # JAX's persistent compilation cache: a rerun of the same shapes loads them from this folder instead of
     # compiling; "default": $XDG_CACHE_HOME/jaxsft/xla (else ~/.cache/jaxsft/xla); "": off
     c.compilation_cache = "default"
+    # where metrics go besides W/metrics.jsonl: "tensorboard" (W/tensorboard, tensorboardX) and/or "wandb" (Weights &
+    # Biases: pip install 'jaxsft[wandb]'; WANDB_MODE=offline works without a network; a resumed run continues the
+    # same W&B run, its id kept in W/wandb_run_id)
+    c.report_to = ["tensorboard"]
+    c.wandb_project = config_dict.placeholder(str)  # None: $WANDB_PROJECT, else "jaxsft"
 
     c.log_every_steps = 50  # a progress line (and metrics.jsonl row) every N steps
     c.eval_every_steps = -1  # <= 0: at the end of every epoch
@@ -179,4 +184,5 @@ ITEMS: dict[str, tuple[type, ...]] = {
     "data.buckets": (int,),
     "lora.target_modules": (str,),
     "decode.eval_metrics": (str,),
+    "report_to": (str,),
 }

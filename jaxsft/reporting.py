@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import jax
@@ -28,8 +29,10 @@ class MetricsWriter:
 
     REMOTE_FLUSH_SECONDS = 5.0
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, report_to=("tensorboard",), wandb_project: str | None = None,
+                 run_config: dict | None = None):
         self.path = fs.path(path)
+        self.wb = None  # a wandb run, when report_to has "wandb"
         self.remote = fs.is_remote(self.path)
         self.enabled = jax.process_index() == 0
         self.tb = None
@@ -45,7 +48,9 @@ class MetricsWriter:
                 f.seek(-1, 2)
                 if f.read(1) != b"\n":
                     f.write(b"\n")
-        if self.enabled:
+        if self.enabled and "wandb" in report_to:
+            self.wb = _wandb_run(self.path.parent, wandb_project, run_config)
+        if self.enabled and "tensorboard" in report_to:
             try:
                 from tensorboardX import SummaryWriter
 
@@ -67,11 +72,14 @@ class MetricsWriter:
         else:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+        numbers = {k: v for k, v in row.items()
+                   if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.tb is not None:
-            for k, v in row.items():
-                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, global_step=int(step), walltime=now)
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, global_step=int(step), walltime=now)
             self.tb.flush()
+        if self.wb is not None and numbers:
+            self.wb.log(numbers, step=int(step))
         if self.remote and now - self._uploaded >= self.REMOTE_FLUSH_SECONDS:
             self.flush()
 
@@ -90,6 +98,12 @@ class MetricsWriter:
                 for r in rows[:20])
             self.tb.add_text("eval_generations", table, global_step=int(step))
             self.tb.flush()
+        if self.wb is not None:
+            import wandb
+
+            columns = ["index", "prompt", "reference", "completion"]
+            self.wb.log({"eval_generations": wandb.Table(columns=columns, data=[[r.get(c) for c in columns]
+                                                                               for r in rows])}, step=int(step))
 
     def flush(self) -> None:
         """Remote: writes metrics.jsonl and the TensorBoard event files whole (local files are always current)."""
@@ -106,11 +120,33 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+        if self.wb is not None:
+            self.wb.finish()
+            self.wb = None
         self.flush()
         if self._tb_local is not None:
             shutil.rmtree(self._tb_local, ignore_errors=True)
             self._tb_local = None
         self.enabled = self.enabled and not self.remote  # remote: nothing more is written after close
+
+
+def _wandb_run(workdir, project: str | None, run_config: dict | None):
+    """A W&B run for this workdir: its id is kept in W/wandb_run_id, so a resumed run continues it (resume="allow");
+    WANDB_MODE / WANDB_ENTITY / WANDB_DIR work as usual (W&B's files go to W/wandb unless WANDB_DIR says). A local
+    workdir only holds them; a gs:// one keeps just the id."""
+    import wandb
+
+    id_file = workdir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    if not id_file.exists():
+        id_file.write_text(run_id + "\n")
+    local = None if fs.is_remote(workdir) else str(workdir)
+    if local and not os.environ.get("WANDB_DIR"):
+        os.makedirs(os.path.join(local, "wandb"), exist_ok=True)
+    where = None if os.environ.get("WANDB_DIR") else local
+    return wandb.init(project=project or os.environ.get("WANDB_PROJECT") or "jaxsft", id=run_id, resume="allow",
+                      name=os.path.basename(str(workdir).rstrip("/")), dir=where, config=run_config,
+                      settings=wandb.Settings(silent=True))
 
 
 def _plain(v):

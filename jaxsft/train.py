@@ -549,7 +549,8 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
     step, epoch, batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
     acc_loss, acc_count = meta["acc_loss_sum"], meta["acc_count"]
     skip, skipped = bool(config.skip_nonfinite_updates), int(meta.get("skipped_updates", 0))
-    writer = MetricsWriter(workdir / "metrics.jsonl")
+    writer = MetricsWriter(workdir / "metrics.jsonl", report_to=tuple(config.get("report_to", ("tensorboard",))),
+                           wandb_project=config.get("wandb_project"), run_config=json.loads(config_lib.to_json(config)))
     # one row per run start: what the data held, and when the run started (the report's wall time counts from it)
     writer.write(0, {**data_counts(train, evals), "run_started": started or time.time()})
     log.info("training %d steps (%d per epoch, batch %d, %d devices, mesh %s); padding %.1f%% of tokens "
