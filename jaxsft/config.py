@@ -138,6 +138,11 @@ def _items(key: str, value: list | tuple, text: str | None = None) -> list:
     for item in value:
         if isinstance(item, bool) or not isinstance(item, (str, int, float)):
             ok = None
+        elif float in kinds and str not in kinds:  # "0.7" → 0.7 (numbers, ints included)
+            try:
+                ok = float(item)
+            except (ValueError, OverflowError):
+                ok = None
         elif int in kinds and str not in kinds and (text is not None or isinstance(item, int)):  # "32" → 32
             try:
                 ok = int(item) if isinstance(item, str) or float(item) == int(item) else None
@@ -148,7 +153,8 @@ def _items(key: str, value: list | tuple, text: str | None = None) -> list:
         else:
             ok = None
         if ok is None:
-            want = " or ".join({"str": "a string", "int": "an integer"}[k.__name__] for k in kinds)
+            want = " or ".join({"str": "a string", "int": "an integer", "float": "a number"}[k.__name__]
+                               for k in kinds)
             raise UserError(f"config.{key}: item {item!r} is not {want}"
                             + (f" (from {text!r})" if text is not None else ""))
         out.append(ok)

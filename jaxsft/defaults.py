@@ -30,6 +30,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # .tsv .csv .json .jsonl .parquet, or an HF dataset spec such as glue/sst2:train
     c.data.eval = ""  # as data.train; "": no evaluation set (unless data.eval_fraction)
+    # a mixture instead of data.train: several specs interleaved (datasets.interleave_datasets, seeded by `seed`:
+    # the same examples in the same order on every run, so a resumed run goes on exactly), drawn with
+    # data.mixture_weights (normalised; empty: in turn) until the first source runs out ("first_exhausted") or
+    # every source has been seen whole, the others repeating ("all_exhausted": data.mixture_stopping)
+    c.data.mixture = []
+    c.data.mixture_weights = []
+    c.data.mixture_stopping = "first_exhausted"
     c.data.tfds_data_dir = config_dict.placeholder(str)  # for tfds:NAME[:SPLIT] specs; None: ~/tensorflow_datasets
     c.data.eval_fraction = 0.0  # > 0 and no data.eval: hold out this share of data.train (seeded) for evaluation
     c.data.text_fields = ["sentence"]  # one name, or two for sentence pairs
@@ -184,5 +191,7 @@ ITEMS: dict[str, tuple[type, ...]] = {
     "data.buckets": (int,),
     "lora.target_modules": (str,),
     "decode.eval_metrics": (str,),
+    "data.mixture": (str,),
+    "data.mixture_weights": (float,),
     "report_to": (str,),
 }

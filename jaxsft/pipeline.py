@@ -36,8 +36,18 @@ def load_splits(config, *, need_train: bool = True):
         raise UserError(f"config.data.eval_fraction must be in [0, 1), got {frac}")
     fields = dict(source_field=config.data.source_field, target_field=config.data.target_field,
                   tfds_data_dir=config.data.get("tfds_data_dir") or None)  # .get: workdirs from before the key
-    train = load_source(config.data.train, "data.train", **fields) if need_train or (frac and not config.data.eval) \
-        else None
+    mixture = list(config.data.get("mixture") or [])  # .get: workdirs from before the key
+    if mixture and config.data.train:
+        raise UserError("set data.train or data.mixture, not both")
+    if not (need_train or (frac and not config.data.eval)):
+        train = None
+    elif mixture:
+        from jaxsft.data.sources import load_mixture
+
+        train = load_mixture(mixture, list(config.data.get("mixture_weights") or []),
+                             config.data.get("mixture_stopping") or "first_exhausted", config.seed, **fields)
+    else:
+        train = load_source(config.data.train, "data.train", **fields)
     if config.data.eval:
         return train, load_source(config.data.eval, "data.eval", **fields)
     if frac > 0:
@@ -46,6 +56,11 @@ def load_splits(config, *, need_train: bool = True):
         parts = train.train_test_split(test_size=frac, seed=config.seed, shuffle=True)
         return parts["train"], parts["test"]
     return train, None
+
+
+def train_spec(config) -> str:
+    """What data.train names in messages: its spec, or the mixture's specs."""
+    return config.data.train or " + ".join(config.data.get("mixture") or [])
 
 
 def load_hf_config(folder: Path, source: str):

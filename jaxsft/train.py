@@ -452,15 +452,15 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
                         "config.data.eval is not set (nor data.eval_fraction); set one, or early_stopping_patience=0")
     task.resolve_labels(config, train_ds)
     # 1 process: the whole split tokenized; several: each its share, then its rows of each batch as they come
-    train = sharded.featurize(task, train_ds, tokenizer, config, "data.train", config.data.train)
+    train = sharded.featurize(task, train_ds, tokenizer, config, "data.train", pipeline.train_spec(config))
     evals = None
     if eval_ds is not None:
         eval_key = "data.eval" if config.data.eval else "data.train (eval_fraction hold-out)"
+        eval_spec = config.data.eval or pipeline.train_spec(config)
         if getattr(task, "eval_generates", lambda c: False)(config):  # decoding needs every prompt and reference
-            evals = task.featurize(eval_ds, tokenizer, config, eval_key, config.data.eval or config.data.train,
-                                   need_labels=True)
+            evals = task.featurize(eval_ds, tokenizer, config, eval_key, eval_spec, need_labels=True)
         else:  # the eval loss and metrics need only lengths and labels everywhere: shared out like the training set
-            evals = sharded.featurize(task, eval_ds, tokenizer, config, eval_key, config.data.eval or config.data.train)
+            evals = sharded.featurize(task, eval_ds, tokenizer, config, eval_key, eval_spec)
     if hasattr(task, "set_label_config"):
         task.set_label_config(hf_config, config)
     if config.model.from_scratch:  # the architecture only: fresh random weights (HF initialisation ranges)

@@ -96,6 +96,33 @@ def load_source(spec: str, key: str, *, source_field: str = "source", target_fie
     return ds
 
 
+def load_mixture(specs: list[str], weights: list[float], stopping: str, seed: int, **fields):
+    """data.mixture: each spec read as `load_source` does, then interleaved by datasets.interleave_datasets with
+    the normalised weights (none: in turn), seeded; one line when the sources cannot be mixed."""
+    import datasets
+
+    if stopping not in ("first_exhausted", "all_exhausted"):
+        raise UserError(f"config.data.mixture_stopping must be first_exhausted or all_exhausted, got {stopping!r}")
+    if weights and len(weights) != len(specs):
+        raise UserError(f"config.data.mixture_weights: {len(weights)} weights for {len(specs)} data.mixture sources")
+    if weights and (min(weights) < 0 or sum(weights) <= 0):
+        raise UserError(f"config.data.mixture_weights must be >= 0 with a positive sum, got {list(weights)}")
+    parts = [load_source(spec, f"data.mixture[{i}] ({spec})", **fields) for i, spec in enumerate(specs)]
+    for i, p in enumerate(parts[1:], 1):
+        if sorted(p.column_names) != sorted(parts[0].column_names):
+            raise UserError(f"data.mixture[{i}] ({specs[i]}): columns {sorted(p.column_names)} differ from "
+                            f"data.mixture[0]'s {sorted(parts[0].column_names)}; mix sources of one format")
+        if p.features != parts[0].features:
+            try:
+                parts[i] = p.cast(parts[0].features)
+            except Exception as e:  # noqa: BLE001
+                raise UserError(f"data.mixture[{i}] ({specs[i]}): its column types cannot take data.mixture[0]'s "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    total = float(sum(weights)) if weights else 0.0
+    return datasets.interleave_datasets(parts, probabilities=[w / total for w in weights] if weights else None,
+                                        seed=seed, stopping_strategy=stopping)
+
+
 def require_columns(ds, columns: list[str], key: str, spec: str, hint: str) -> None:
     for col in columns:
         if col not in ds.column_names:
