@@ -391,6 +391,11 @@ def check_values(config: ml_collections.ConfigDict) -> None:
             re.compile(pattern)
         except re.error as e:
             raise UserError(f"config.lora.target_modules: {pattern!r} is not a regular expression ({e})") from None
+    if config.lora.get("use_dora") and not config.lora.rank > 0:
+        raise UserError("config.lora.use_dora=True needs config.lora.rank > 0 (DoRA is a kind of LoRA)")
+    if config.lora.get("use_dora") and config.get("optimizer", "adamw") == "adafactor":
+        raise UserError("config.lora.use_dora=True with optimizer=adafactor is not supported (Adafactor scales each "
+                        "update by its weight's RMS, and jaxsft stores DoRA's magnitude as m - ||W||); use adamw")
 
 
 # Position tables (config.json): learned or sinusoidal tables of a fixed size (refused past it); rotary positions

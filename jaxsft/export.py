@@ -105,15 +105,17 @@ def write_weights(params: dict, out: Path, dtype, max_shard_size: str | int = "5
 
 
 def write_peft_adapters(params, functional, config, hf_config, out: Path, dtype, write: bool = True) -> None:
-    """adapter_model.safetensors with PEFT's names (`base_model.model.<module>.lora_A.weight`) + adapter_config.
+    """adapter_model.safetensors with PEFT's names (`base_model.model.<module>.lora_A.weight`; DoRA's magnitude
+    vectors as `<module>.lora_magnitude_vector`, the key PEFT writes) + adapter_config.
     Every process of a multi-process export calls it (the tensors are gathered from all); only `write` writes."""
     from jaxsft import hf_io
     from jaxsft.models import to_hf_weights
 
-    adapters = {k: v for k, v in params.items() if lora.is_adapter(k)}
+    adapters = {k: v for k, v in params.items() if lora.is_adapter(k) and not k.endswith(f".{lora.MAGNITUDE}")}
+    dora = {f"{m}.lora_magnitude_vector": v for m, v in lora.magnitudes(params).items()}  # m = ||W|| + delta
     head = {} if config.task != "classification" else {
         k: v for k, v in params.items() if functional.trainable and functional.trainable(k) and not lora.is_adapter(k)}
-    weights = {f"base_model.model.{k}": v for k, v in to_hf_weights({**adapters, **head}, dtype).items()}
+    weights = {f"base_model.model.{k}": v for k, v in to_hf_weights({**adapters, **dora, **head}, dtype).items()}
     if not write:
         return
     hf_io.write_safetensors(weights, out, filename="adapter_model.safetensors")
@@ -125,7 +127,7 @@ def write_peft_adapters(params, functional, config, hf_config, out: Path, dtype,
         "lora_alpha": float(config.lora.alpha), "lora_dropout": float(config.lora.dropout),
         "target_modules": modules,
         "bias": "none", "fan_in_fan_out": conv1d, "inference_mode": True, "init_lora_weights": True,
-        "modules_to_save": sorted({k.split(".")[0] for k in head}) or None,
+        "modules_to_save": sorted({k.split(".")[0] for k in head}) or None, "use_dora": bool(dora),
     }
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
 

@@ -8,6 +8,16 @@ adapters-only export is the flat dict renamed. Initialisation follows PEFT: A Ka
 
 LoRA dropout needs a key inside the layer: `Functional.apply(..., rng=key)` publishes the step's key through
 `dropout_key`, and each adapted layer folds in its own index.
+
+DoRA (`lora.use_dora`, PEFT's `LoraConfig(use_dora=True)`): each adapted layer also has a magnitude vector m, one
+value per output feature, and computes y = m / ||W + s·B·A|| · (x W + s·B(A(x))) + bias, the norm taken per output
+feature and held constant in the backward pass (stop_gradient, as PEFT detaches it); with dropout in training,
+PEFT's code path: base(x) + (g - 1) · (drop(x) W) + g · s·B(A(drop(x))), g = m / ||…||. m starts at ||W|| (B = 0),
+which needs the base weight's values, and `inject` often runs on a model that has only its shapes (the weights are
+loaded straight into their shardings): so the param stored is `lora_magnitude_delta` = m - ||W|| (zeros at the
+start), and m = ||W|| + delta is rebuilt from the frozen base weight wherever it is needed (forward, merge, PEFT
+export: `magnitudes`). Its gradient is m's, and AdamW's step does not depend on a param's offset (no weight decay
+on vectors), so training follows PEFT's m step for step.
 """
 
 from __future__ import annotations
@@ -27,7 +37,8 @@ from jaxsft.errors import UserError
 from jaxsft.models import layers
 
 _KEY: contextvars.ContextVar = contextvars.ContextVar("jaxsft_lora_key", default=None)
-ADAPTER_MARKERS = (".lora_A.", ".lora_B.")
+ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_magnitude_delta")
+MAGNITUDE = "lora_magnitude_delta"  # DoRA: m - ||W||, one value per output feature (see the module docstring)
 
 
 def dropout_key(rng):
@@ -38,14 +49,45 @@ def dropout_key(rng):
 class _LoRAMixin:
     def _lora(self, x, y):
         rng = _KEY.get()
-        if rng is not None and self.lora_dropout > 0:
+        dropped = rng is not None and self.lora_dropout > 0
+        if dropped:
             x = layers.dropout(x, self.lora_dropout, jax.random.fold_in(rng, 7919 + self.lora_index))
-        return y + self.lora_B(self.lora_A(x)) * jnp.asarray(self.lora_scale, y.dtype)
+        if not hasattr(self, MAGNITUDE):
+            return y + self.lora_B(self.lora_A(x)) * jnp.asarray(self.lora_scale, y.dtype)
+        # DoRA, as PEFT's DoraLinearLayer.forward: the base output without its bias (with dropout in training: of
+        # the dropped-out input), rescaled by g - 1, plus the adapter's output rescaled by g
+        g = dora_factor(self._base_weight(), self.lora_A.kernel[...], self.lora_B.kernel[...],
+                        getattr(self, MAGNITUDE)[...], self.lora_scale).astype(y.dtype)
+        if dropped:
+            base = self._base_matmul(x)
+        else:
+            bias = self.bias[...] if self.bias is not None else None
+            base = y if bias is None else y - bias.astype(y.dtype)
+        return y + ((g - 1) * base + g * self.lora_B(self.lora_A(x)) * jnp.asarray(self.lora_scale, y.dtype))
+
+
+def dora_factor(w, a, b, delta, scale):
+    """m / ||W + scale·A@B|| per output feature (float32), the norm a constant for the gradient; `w` (in, out),
+    `a` (in, r), `b` (r, out), `delta` = m - ||W|| (out,)."""
+    f32 = jnp.float32
+    w = jax.lax.stop_gradient(w.astype(f32))
+    ab = jax.lax.stop_gradient(a.astype(f32) @ b.astype(f32))
+    norm = jax.lax.stop_gradient(jnp.linalg.norm(w + scale * ab, axis=0))
+    return (jnp.linalg.norm(w, axis=0) + delta.astype(f32)) / norm
 
 
 class LoRALinear(_LoRAMixin, nnx.Linear):
     def __call__(self, x, out_sharding=None):
         return self._lora(x, super().__call__(x))
+
+    def _base_weight(self):
+        return self.kernel[...]
+
+    def _base_matmul(self, x):
+        """x @ kernel as nnx.Linear computes it, without the bias."""
+        x, kernel = self.promote_dtype((x, self.kernel[...]), dtype=self.dtype)
+        kwargs = {} if self.preferred_element_type is None else {"preferred_element_type": self.preferred_element_type}
+        return self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision, **kwargs)
 
 
 def _lora_class(base: type) -> type:
@@ -64,6 +106,12 @@ def _conv1d_lora():
         class LoRAConv1D(_LoRAMixin, layers.Conv1D):
             def __call__(self, x):
                 return self._lora(x, super().__call__(x))
+
+            def _base_weight(self):
+                return self.weight[...]
+
+            def _base_matmul(self, x):
+                return x.astype(self.dtype) @ self.weight[...].astype(self.dtype)
 
         _CONV["cls"] = LoRAConv1D
     return _CONV["cls"]
@@ -96,6 +144,8 @@ def inject(model: nnx.Module, lora_config, seed: int = 0) -> list[str]:
     if not patterns:
         raise UserError("lora.target_modules is empty")
     rngs = nnx.Rngs(seed + 1)
+    dora = bool(lora_config.get("use_dora", False))  # .get: workdirs from before the key
+    base = getattr(model, "base_prefix", "")
     adapted = []
     for path, module in list(nnx.iter_modules(model)):
         name = ".".join(str(p) for p in path)
@@ -104,6 +154,9 @@ def inject(model: nnx.Module, lora_config, seed: int = 0) -> list[str]:
             continue
         if not (isinstance(module, nnx.Linear) or type(module).__name__ == "Conv1D"):
             continue
+        if dora and base and not name.startswith(base + ".") and not isinstance(model, layers.CausalLM):
+            raise UserError(f"lora.use_dora: lora.target_modules matched {name}, the new task head, which trains "
+                            "in full; DoRA adapts frozen layers only: leave it out of lora.target_modules")
         d_in, d_out = _in_out(module)
         dtype = getattr(module, "dtype", None) or jnp.float32
         bound = 1.0 / math.sqrt(d_in)  # PEFT: kaiming_uniform_(a=sqrt(5)) on (r, in)
@@ -114,6 +167,8 @@ def inject(model: nnx.Module, lora_config, seed: int = 0) -> list[str]:
         module.lora_scale = float(lora_config.alpha) / rank
         module.lora_dropout = float(lora_config.dropout)
         module.lora_index = len(adapted)
+        if dora:  # m = ||W|| + delta: delta 0 is PEFT's start, m = ||W + s·B·A|| with B = 0
+            setattr(module, MAGNITUDE, nnx.Param(jnp.zeros((d_out,), jnp.float32)))
         _replace(model, path, module, _lora_class(type(module)))
         adapted.append(name)
     if not adapted:
@@ -124,19 +179,19 @@ def inject(model: nnx.Module, lora_config, seed: int = 0) -> list[str]:
     return adapted
 
 
-_ADAPTER = re.compile(r"^(.*)\.lora_([AB])\.kernel$")
+_ADAPTER = re.compile(rf"^(.*)\.(?:lora_([AB])\.kernel|{MAGNITUDE})$")
 
 
 def adapter_spec(path: str, base_rule) -> P | None:
     """Sharding rule of an adapter (None: not an adapter): lora_A (in, r) shards its input like the adapted
-    layer's kernel, lora_B (r, out) its output, so x @ A @ B splits like x @ W. `base_rule(name)` is the
-    family's rule for a parameter name (None: replicated)."""
+    layer's kernel, lora_B (r, out) and DoRA's magnitude (out,) its output, so x @ A @ B splits like x @ W.
+    `base_rule(name)` is the family's rule for a parameter name (None: replicated)."""
     m = _ADAPTER.match(path)
     if m is None:
         return None
     spec = base_rule(f"{m[1]}.kernel") or base_rule(f"{m[1]}.weight")  # nnx.Linear, or GPT-2's Conv1D
     spec = tuple(spec or ()) + (None, None)
-    return P(spec[0]) if m[2] == "A" else P(None, spec[1])
+    return P(spec[0]) if m[2] == "A" else P(spec[1]) if m[2] is None else P(None, spec[1])
 
 
 def is_adapter(path: str) -> bool:
@@ -154,7 +209,8 @@ def trainable_predicate(model: nnx.Module, task: str):
 
 
 class Merged(Mapping):
-    """`params` with every adapter folded into its base weight (W + A @ B * scale) and the adapter params left out,
+    """`params` with every adapter folded into its base weight (W + A @ B * scale; DoRA: that times m / ||that||
+    per output feature, as PEFT merges) and the adapter params left out,
     each merged weight made only when it is read: export reads one tensor at a time, so no host or device ever
     holds more than one merged weight. A base weight that is a jax.Array is merged on its devices, in its sharding
     (spread over processes too: then every process must read it, as export's gather does); numpy on the host."""
@@ -164,17 +220,25 @@ class Merged(Mapping):
         self.adapted = {}
         for module, scale in scales.items():
             key = f"{module}.kernel" if f"{module}.kernel" in self.base else f"{module}.weight"
-            self.adapted[key] = (params[f"{module}.lora_A.kernel"], params[f"{module}.lora_B.kernel"], scale)
+            self.adapted[key] = (params[f"{module}.lora_A.kernel"], params[f"{module}.lora_B.kernel"], scale,
+                                 params.get(f"{module}.{MAGNITUDE}"))
 
     def __getitem__(self, key: str):
         w = self.base[key]
         if key not in self.adapted:
             return w
-        a, b, scale = self.adapted[key]
+        a, b, scale, delta = self.adapted[key]
         if isinstance(w, jax.Array):
-            return jax.device_put(_merge_on_devices(w, a, b, np.float32(scale)), w.sharding)
+            if delta is None:
+                return jax.device_put(_merge_on_devices(w, a, b, np.float32(scale)), w.sharding)
+            return jax.device_put(_merge_on_devices(w, a, b, np.float32(scale), delta), w.sharding)
         a, b = (np.asarray(jax.device_get(x), np.float32) for x in (a, b))
-        return np.asarray(w, np.float32) + (a @ b) * scale
+        w = np.asarray(w, np.float32)
+        merged = w + (a @ b) * scale
+        if delta is None:
+            return merged
+        m = np.linalg.norm(w, axis=0) + np.asarray(jax.device_get(delta), np.float32)
+        return merged * (m / np.linalg.norm(merged, axis=0))
 
     def __iter__(self):
         return iter(self.base)
@@ -189,9 +253,40 @@ def merge(params: dict, scales: dict[str, float]) -> Merged:
 
 
 @jax.jit
-def _merge_on_devices(w, a, b, scale):
+def _merge_on_devices(w, a, b, scale, delta=None):
     f32 = jnp.float32
-    return w.astype(f32) + (a.astype(f32) @ b.astype(f32)) * scale
+    merged = w.astype(f32) + (a.astype(f32) @ b.astype(f32)) * scale
+    if delta is None:
+        return merged
+    m = jnp.linalg.norm(w.astype(f32), axis=0) + delta.astype(f32)
+    return merged * (m / jnp.linalg.norm(merged, axis=0))
+
+
+def magnitudes(params: dict) -> dict[str, object]:
+    """DoRA: {adapted module path: its magnitude vector m = ||W|| + delta} (float32, (out,)), PEFT's
+    `lora_magnitude_vector`: jax.Arrays where the base weight is one (computed on its devices), else numpy."""
+    out = {}
+    for key, delta in params.items():
+        if not key.endswith(f".{MAGNITUDE}"):
+            continue
+        module = key[: -len(MAGNITUDE) - 1]
+        w = params[f"{module}.kernel"] if f"{module}.kernel" in params else params[f"{module}.weight"]
+        if isinstance(w, jax.Array):
+            out[module] = _magnitude_on_devices(w, delta)
+        else:
+            out[module] = np.linalg.norm(np.asarray(w, np.float32), axis=0) + np.asarray(jax.device_get(delta),
+                                                                                          np.float32)
+    return out
+
+
+@jax.jit
+def _magnitude_on_devices(w, delta):
+    return jnp.linalg.norm(w.astype(jnp.float32), axis=0) + delta.astype(jnp.float32)
+
+
+def magnitude_delta(w, m) -> np.ndarray:
+    """The stored DoRA param for magnitude vector `m` (e.g. PEFT's) on base weight `w` (in, out): m - ||W||."""
+    return np.asarray(m, np.float32) - np.linalg.norm(np.asarray(w, np.float32), axis=0)
 
 
 def adapter_scales(model: nnx.Module) -> dict[str, float]:
