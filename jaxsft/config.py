@@ -372,6 +372,14 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"config.decode.eval_metrics: unknown metric {unknown[0]!r} (one of "
                         f"{', '.join(causal_lm.GENERATION_METRICS)})")
     d = config.data
+    if d.loss_on not in causal_lm.LOSS_ON:
+        raise UserError(f"config.data.loss_on must be one of {', '.join(causal_lm.LOSS_ON)}, got {d.loss_on!r}")
+    if d.train_on_prompt and d.loss_on == "last_turn":
+        raise UserError("config.data.train_on_prompt=True trains every token, data.loss_on='last_turn' only the last "
+                        "assistant turn: set one (train_on_prompt=True is data.loss_on=all)")
+    if not d.train_on_eos and (d.loss_on == "all" or d.train_on_prompt):
+        raise UserError("config.data.train_on_eos=False masks the end of the trained turns, but data.loss_on=all "
+                        "(or train_on_prompt=True) trains every token")
     if config.task == "classification" and len(d.text_fields) not in (1, 2):
         raise UserError(f"config.data.text_fields: one field, or two for sentence pairs; got {list(d.text_fields)}")
     if (config.task == "classification" and config.model.num_labels != 1 and d.label_names

@@ -51,7 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
     # instruction+input+output | messages) unless data.format names one.
     c.data.format = config_dict.placeholder(str)  # None: auto; text | prompt_completion | alpaca | messages
     c.data.packing = True  # causal_lm: several examples per max_length row (segment ids); False pads instead
-    c.data.train_on_prompt = False  # causal_lm: also put loss on prompt / non-assistant tokens
+    c.data.train_on_prompt = False  # causal_lm: also put loss on prompt / non-assistant tokens (= data.loss_on=all)
+    c.data.loss_on = "assistant"  # causal_lm: assistant (every assistant turn) | last_turn (the last only) | all
+    c.data.train_on_eos = True  # causal_lm: False masks the end-of-turn / EOS tokens closing each trained turn
     c.data.chat_template = config_dict.placeholder(str)  # a Jinja chat template when the tokenizer has none
 
     # seq2seq (translation) data: fields of a JSONL/CSV/TSV file, or two line-aligned files `src.txt,tgt.txt`

@@ -16,8 +16,17 @@ what the model sees and what generation continues from. Chat data is tokenized w
 token prefix of the conversation rendered up to it (with the generation prompt) to that of the conversation
 rendered through it, as TRL does (no `{% generation %}` markers needed). Every example ends with the tokenizer's EOS
 unless the rendered text already closes its last loss turn with it.
-Loss tokens: all of `text`; otherwise the completion / the assistant turns (all of them, multi-turn) and the
-closing EOS, or every token with data.train_on_prompt. Examples are cut at max_length; those left without a loss
+Loss tokens (data.loss_on): all of `text`, whatever the key; otherwise "assistant" (default): the completion / every
+assistant turn (multi-turn; of a conversational completion, all its turns); "last_turn": only the last assistant
+turn (earlier turns are context; Alpaca and string prompt+completion have one, so it is "assistant" there); "all":
+every token, system / user turns and template markup included (data.train_on_prompt=True is its older spelling).
+The appended EOS is a target when the last loss turn is the example's last turn (always with "all").
+End of turn (data.train_on_eos): a loss span (turn, completion or text) runs through the markup the template writes
+after the content. Its end-of-turn tokens are its last run of special tokens (the tokenizer's special tokens and
+added tokens marked special, not UNK) when only whitespace tokens follow that run in the span, with those tokens:
+ChatML `<|im_end|>` "\n", Llama 3 `<|eot_id|>`, Gemma `<end_of_turn>` "\n", Mistral `</s>`; none when the span
+ends in other text (a template that closes turns with plain text). data.train_on_eos=False masks them and the
+appended EOS (the tokens stay); True (default) trains them. Examples are cut at max_length; those left without a loss
 token are dropped. With data.packing, examples are packed whole into rows of max_length tokens (segment ids 1..k,
 positions restarting per segment); `lengths` and batches are per row.
 """
@@ -43,6 +52,7 @@ name = "causal_lm"
 default_metric = regression_metric = ("eval_loss", "min")
 FORMATS = {"messages": ["messages"], "prompt_completion": ["prompt", "completion"],
            "alpaca": ["instruction", "output"], "text": ["text"]}
+LOSS_ON = ("assistant", "last_turn", "all")  # data.loss_on
 ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
                  "Write a response that appropriately completes the request.\n\n"
                  "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
@@ -227,6 +237,43 @@ class _Chat:  # a conversation tokenized whole; loss on the turns in `loss_turns
     loss_turns: list[int]
 
 
+def _loss_on(config) -> str:
+    """data.loss_on; data.train_on_prompt=True (its older spelling) is "all", and a config.json written before the
+    key existed means "assistant"."""
+    d = config.data
+    loss_on = "all" if d.get("train_on_prompt") else d.get("loss_on") or "assistant"
+    if loss_on not in LOSS_ON:
+        raise UserError(f"config.data.loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
+    return loss_on
+
+
+def _turn_end_finder(tokenizer):
+    """(ids, start, end) → the end-of-turn positions of the loss span ids[start:end] (masked by
+    data.train_on_eos=False): the span's last run of special tokens (the tokenizer's special tokens and added tokens
+    marked special; not UNK) when only whitespace tokens follow it in the span, with those whitespace tokens;
+    none when the span ends in other text."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+    special.discard(tokenizer.unk_token_id)
+    blank: dict[int, bool] = {}
+
+    def is_blank(t: int) -> bool:
+        if t not in blank:
+            blank[t] = not tokenizer.decode([t]).strip()
+        return blank[t]
+
+    def find(ids, start: int, end: int) -> range:
+        e = end
+        while e > start and ids[e - 1] not in special and is_blank(ids[e - 1]):
+            e -= 1
+        s = e
+        while s > start and ids[s - 1] in special:
+            s -= 1
+        return range(s, end) if s < e else range(0)
+
+    return find
+
+
 def _examples(ds, config, key: str, spec: str, chat: bool, first_row: int = 0) -> tuple[list, list[str]]:
     """Per data set row: a _Plain or _Chat, and the reference text (`first_row`: the data set row `ds` starts at,
     for messages)."""
@@ -238,7 +285,12 @@ def _examples(ds, config, key: str, spec: str, chat: bool, first_row: int = 0) -
         if "completion" not in ds.column_names:  # unlabelled sources: prompts only, nothing to score
             ds = ds.add_column("completion", [""] * len(ds))
     require_columns(ds, FORMATS[fmt], key, spec, "data.format")
-    on_prompt = bool(config.data.train_on_prompt)
+    loss_on = _loss_on(config)
+    on_prompt, last_turn = loss_on == "all", loss_on == "last_turn"
+
+    def last(msgs, turns):  # data.loss_on=last_turn: the last assistant turn of the loss turns (else the last one)
+        return ([j for j in turns if msgs[j].get("role") == "assistant"] or turns)[-1:] if last_turn else turns
+
     out, refs = [], []
     if fmt == "text":
         for t in ds["text"]:
@@ -255,7 +307,7 @@ def _examples(ds, config, key: str, spec: str, chat: bool, first_row: int = 0) -
                 raise UserError(f"{key}: row {first_row + i} of {spec}: messages must be a list of "
                                 "{role, content} turns")
             turns = [j for j, m in enumerate(msgs) if m["role"] == "assistant"]
-            out.append(_Chat(list(msgs), turns))
+            out.append(_Chat(list(msgs), last(msgs, turns)))
             refs.append(_text(msgs[turns[-1]].get("content")) if turns else "")
         return out, refs
     if fmt == "alpaca":
@@ -277,7 +329,7 @@ def _examples(ds, config, key: str, spec: str, chat: bool, first_row: int = 0) -
                 raise no_template
             p = list(p) if isinstance(p, list) else [{"role": "user", "content": _text(p)}]
             c = list(c) if isinstance(c, list) else [{"role": "assistant", "content": _text(c)}]
-            out.append(_Chat(p + c, list(range(len(p), len(p) + len(c)))))
+            out.append(_Chat(p + c, last(p + c, list(range(len(p), len(p) + len(c))))))
             refs.append(_text(c[-1].get("content")) if c else "")
         elif chat:
             out.append(_Chat([{"role": "user", "content": _text(p)}, {"role": "assistant", "content": _text(c)}],
@@ -317,7 +369,9 @@ def _tokenize(examples: list, tokenizer, config, key: str,
         strings += chat_texts[i] if i in chat_texts else [ex.prompt, ex.completion]
     enc = tokenizer(strings, add_special_tokens=False)["input_ids"] if strings else []
     prefix, eos = _special_prefix(tokenizer), tokenizer.eos_token_id
-    on_prompt = bool(config.data.train_on_prompt)
+    on_prompt = _loss_on(config) == "all"
+    eos_off = not config.data.get("train_on_eos", True)  # mask the end of each loss span and the appended EOS
+    turn_end = _turn_end_finder(tokenizer) if eos_off else None
     all_ids, all_loss, prompts, k = [], [], [], 0
     for i, ex in enumerate(examples):
         if isinstance(ex, _Plain):
@@ -325,6 +379,7 @@ def _tokenize(examples: list, tokenizer, config, key: str,
             ids = _with_prefix(prefix, list(enc[k]) + c_ids)  # text that starts with BOS keeps just that one
             k += 2
             loss = [int(ex.train_all)] * (len(ids) - len(c_ids)) + [1] * len(c_ids)
+            spans = [(len(ids) - len(c_ids), len(ids))]
             close = eos is not None and not (ids and ids[-1] == eos)
             prompts.append(ex.prompt)
             end_loss = 1
@@ -333,14 +388,20 @@ def _tokenize(examples: list, tokenizer, config, key: str,
             seqs = [_with_prefix(prefix, e) for e in enc[k:k + len(texts)]]
             k += len(texts)
             ids, loss = seqs[0], [int(on_prompt)] * len(seqs[0])
-            span = (0, 0)
+            span, spans = (0, 0), []
             for t in range(len(ex.loss_turns)):
                 start = _common_prefix(seqs[2 + 2 * t], ids) if texts[2 + 2 * t] else 0
                 span = (start, _common_prefix(seqs[3 + 2 * t], ids))
                 loss[span[0]:span[1]] = [1] * max(span[1] - span[0], 0)
+                spans.append(span)
             close = eos is not None and eos not in ids[span[0]:span[1]] and not (ids and ids[-1] == eos)
             prompts.append(texts[1])
             end_loss = int(on_prompt or (bool(ex.loss_turns) and ex.loss_turns[-1] == len(ex.messages) - 1))
+        if eos_off:
+            for a, b in spans:
+                for j in turn_end(ids, a, b):
+                    loss[j] = 0
+            end_loss = 0
         if close:
             ids, loss = ids + [eos], loss + [end_loss]
         all_ids.append(np.asarray(ids, dtype=np.int32))
