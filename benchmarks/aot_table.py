@@ -4,6 +4,7 @@ and prints a markdown table: fits or not, memory per chip, and the compiler's es
 
 COMMAND: python benchmarks/aot_table.py            (needs libtpu: pip install -e ".[aot]"; about 20-40 min on 2 cores)
          python benchmarks/aot_table.py --models llama-3.2-1b,bert-base --topologies v5e-8 --json out.json
+         python benchmarks/aot_table.py --models llama-3.2-1b --topologies v5e-8 --set model.attention=xla
 
 Settings per model (sensible defaults for the shape, not tuned): decoders bf16, batch 8 x 2048 packed, remat dots,
 scanned layers (not with LoRA), loss in chunks of 1024 tokens, FSDP over all chips; BERT-base classification
@@ -82,11 +83,11 @@ def write_configs(folder: Path, names) -> dict[str, Path]:
     return out
 
 
-def run_one(name: str, path: Path, topology: str, timeout: int, workdir: Path) -> dict:
+def run_one(name: str, path: Path, topology: str, timeout: int, workdir: Path, extra: list[str] = ()) -> dict:
     _, config_file, overrides = RUNS[name]
     out = workdir / f"{name}_{topology}.json"
     cmd = [sys.executable, "-m", "jaxsft.aot", "--config", config_file, "--topology", topology,
-           f"--config.model.name_or_path={path}", *overrides, "--json", str(out)]
+           f"--config.model.name_or_path={path}", *overrides, *extra, "--json", str(out)]
     start = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
@@ -94,9 +95,9 @@ def run_one(name: str, path: Path, topology: str, timeout: int, workdir: Path) -
     except subprocess.TimeoutExpired:
         return {"error": f"compile over {timeout} s", "seconds": time.time() - start}
     result = json.loads(out.read_text()) if out.exists() else {}
-    result["seconds"] = time.time() - start
     if proc.returncode not in (0, 2) or not result:
         result["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+    result["seconds"] = time.time() - start
     return result
 
 
@@ -120,7 +121,11 @@ def main() -> None:
     p.add_argument("--topologies", default=",".join(TOPOLOGIES))
     p.add_argument("--timeout", type=int, default=600, help="seconds per compile before giving up on it")
     p.add_argument("--json", default=None, help="write every report here")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every run, after the defaults above (repeatable), e.g. "
+                        "--set model.attention=xla --set batch_size=4 --set max_length=8192")
     args = p.parse_args()
+    extra = [f"--config.{kv}" for kv in args.set]
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     with tempfile.TemporaryDirectory(prefix="aot_table_") as tmp:
         paths = write_configs(Path(tmp), names)
@@ -129,7 +134,7 @@ def main() -> None:
         print("| --- | --- | --- | --- | --- | --- |", flush=True)
         for name in names:
             for topology in [t.strip() for t in args.topologies.split(",") if t.strip()]:
-                r = run_one(name, paths[name], topology, args.timeout, Path(tmp))
+                r = run_one(name, paths[name], topology, args.timeout, Path(tmp), extra)
                 results[f"{name} {topology}"] = r
                 print(row(name, topology, r), flush=True)
                 print(f"    ({name} on {topology}: {r['seconds']:.0f} s)", file=sys.stderr, flush=True)

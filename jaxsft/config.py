@@ -243,7 +243,7 @@ RESUMABLE = ("max_steps", "num_epochs", "log_every_steps", "eval_every_steps", "
              "keep_checkpoints", "checkpoint_metric", "checkpoint_mode", "eval_batch_size",
              "gradient_accumulation_steps", "skip_nonfinite_updates", "data.buckets", "data.num_buckets",
              "data.tfds_data_dir",
-             "mesh.", "decode.", "model.remat", "chunked_loss_size", "precompile",
+             "mesh.", "decode.", "model.remat", "model.attention", "chunked_loss_size", "precompile",
              "compilation_cache", "early_stopping_patience", "early_stopping_threshold", "report_to",
              "wandb_project")
 
@@ -353,6 +353,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
                 raise UserError(f"config.{key}: an empty name in {list(value)}")
     from jaxsft import optim
 
+    if config.model.get("attention", "auto") not in ("auto", "xla"):
+        raise UserError(f"config.model.attention must be auto or xla, got {config.model.attention!r}")
     for key, choices in (("lr_scheduler_type", optim.SCHEDULES), ("decay_type", optim.WSD_SHAPES)):
         if config[key] not in choices:
             raise UserError(f"config.{key} must be one of {', '.join(choices)}, got {config[key]!r}")

@@ -26,6 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Speed / memory (decoder families llama, mistral, qwen2, qwen3):
     c.model.remat = "none"  # none | dots (recompute all but matmul outputs) | full: per-layer rematerialisation
     c.model.scan_layers = False  # True: layers stacked and run under lax.scan (compile time independent of depth)
+    # attention kernel: auto (cuDNN's fused kernel on GPU in bf16/fp16, Pallas splash on TPU, XLA elsewhere) | xla
+    # (XLA's explicit path everywhere: to compare kernels, e.g. with jaxsft.aot, or to step around one)
+    c.model.attention = "auto"
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # .tsv .csv .json .jsonl .parquet, or an HF dataset spec such as glue/sst2:train

@@ -217,8 +217,9 @@ def split_trainable(params: dict, trainable) -> tuple[dict, dict]:
 
 def build(hf_config, config, *, with_lora: bool = True):
     """The model for this config (adapters injected when lora.rank > 0) and its trainable-path predicate."""
-    from jaxsft.models import build_model, compute_dtype, lora
+    from jaxsft.models import build_model, compute_dtype, layers, lora
 
+    layers.set_attention(config.model.get("attention"))
     options = {k: config.model.get(k) for k in ("remat", "scan_layers")}  # .get: workdirs from before the keys
     options["neftune_noise_alpha"] = config.get("neftune_noise_alpha")
     if options.get("scan_layers") and config.lora.rank and config.lora.rank > 0:

@@ -253,3 +253,15 @@ def test_left_padded_key_mask_is_exact_through_the_xla_branch():
     assert bool(layers._right_padded_lengths(mask[:2])[1])
     want = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     np.testing.assert_allclose(layers._xla_attention(q, k, v, mask, None, 0.25), want, atol=1e-6)
+
+
+def test_model_attention_xla_takes_no_fused_kernel():
+    """config.model.attention=xla: every attention call in XLA's explicit path (no cuDNN custom call at all), and
+    "auto" again restores cuDNN for the next model built in the process."""
+    try:
+        got = lowered_steps("llama", steps=("train", "eval"), **{"model.attention": "xla"})
+        assert got["train"] == [] and got["eval"] == [], got
+        again = lowered_steps("llama", steps=("eval",))
+        assert len(forward_calls(again["eval"])) >= LAYERS, again
+    finally:
+        layers.set_attention("auto")
