@@ -401,6 +401,12 @@ def check_values(config: ml_collections.ConfigDict) -> None:
             re.compile(pattern)
         except re.error as e:
             raise UserError(f"config.lora.target_modules: {pattern!r} is not a regular expression ({e})") from None
+    quantize = config.lora.get("quantize") or ""  # .get: workdirs from before the key
+    if quantize not in ("", "int8", "nf4"):
+        raise UserError(f"config.lora.quantize: {quantize!r} is not one of '' (off), 'int8', 'nf4'")
+    if quantize and not config.lora.rank > 0:
+        raise UserError(f"config.lora.quantize={quantize} needs config.lora.rank > 0 (QLoRA quantises the frozen base "
+                        "under LoRA adapters)")
     if config.lora.get("use_dora") and not config.lora.rank > 0:
         raise UserError("config.lora.use_dora=True needs config.lora.rank > 0 (DoRA is a kind of LoRA)")
     if config.lora.get("use_dora") and config.get("optimizer", "adamw") == "adafactor":

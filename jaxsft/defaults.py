@@ -140,6 +140,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.dropout = 0.0  # on the adapters' input, in [0, 1)
     c.lora.target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]  # regexes matched against module paths
     c.lora.use_dora = False  # True: DoRA (PEFT's use_dora): a trained magnitude per output feature rescales W + BA
+    c.lora.quantize = ""  # QLoRA: "int8" | "nf4" stores the adapted layers' frozen base kernels quantised; "": float
 
     c.seed = 42  # data order, hold-out split, fresh weights, dropout (>= 0)
     c.dtype = "float32"  # compute dtype; master weights stay float32

@@ -483,6 +483,8 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
         trainable = lora.trainable_predicate(model, config.task)
         params = {**{k: v for k, v in flatten_state(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()
                      if lora.is_adapter(k)}, **params}
+        if config.lora.get("quantize"):  # QLoRA: the adapted base kernels quantised on their devices, floats freed
+            params = lora.quantize_params(params, model)
         n_train = sum(v.size for k, v in params.items() if trainable(k))
         log.info("LoRA rank %d on %d layers: %d of %d parameters train (%.2f%%)", config.lora.rank, len(adapted),
                  n_train, sum(v.size for v in params.values()),

@@ -18,6 +18,14 @@ loaded straight into their shardings): so the param stored is `lora_magnitude_de
 start), and m = ||W|| + delta is rebuilt from the frozen base weight wherever it is needed (forward, merge, PEFT
 export: `magnitudes`). Its gradient is m's, and AdamW's step does not depend on a param's offset (no weight decay
 on vectors), so training follows PEFT's m step for step.
+
+QLoRA (`lora.quantize` "int8" | "nf4"): the frozen base kernel of every adapted layer is stored quantised, as two
+frozen params replacing it: `<kernel|weight>_qcodes` and `<kernel|weight>_qscale`. int8: symmetric absmax per output
+feature, codes (in, out) int8, scales (1, out) float32. nf4: the QLoRA paper's NormalFloat4 codebook (bitsandbytes'
+16 values) over blocks of 64 consecutive input-axis weights of one output feature (bitsandbytes' order on the
+(out, in) PyTorch weight), codes (in/2, out) uint8 holding two 4-bit codes (the first in the high nibble), absmax
+(in/64, out) float32. The layer dequantises in its forward (float32, then the compute dtype); merge, export and
+DoRA's norms use the dequantised kernel. Embeddings, norms, the LM head and layers without adapters stay float.
 """
 
 from __future__ import annotations
@@ -78,14 +86,17 @@ def dora_factor(w, a, b, delta, scale):
 
 class LoRALinear(_LoRAMixin, nnx.Linear):
     def __call__(self, x, out_sharding=None):
-        return self._lora(x, super().__call__(x))
+        if not hasattr(self, "quant_base"):
+            return self._lora(x, super().__call__(x))
+        y = self._base_matmul(x)  # QLoRA: nnx.Linear's x @ kernel + bias on the dequantised kernel
+        return self._lora(x, y if self.bias is None else y + self.bias[...].astype(y.dtype))
 
     def _base_weight(self):
-        return self.kernel[...]
+        return _dequantized(self) if hasattr(self, "quant_base") else self.kernel[...]
 
     def _base_matmul(self, x):
         """x @ kernel as nnx.Linear computes it, without the bias."""
-        x, kernel = self.promote_dtype((x, self.kernel[...]), dtype=self.dtype)
+        x, kernel = self.promote_dtype((x, self._base_weight()), dtype=self.dtype)
         kwargs = {} if self.preferred_element_type is None else {"preferred_element_type": self.preferred_element_type}
         return self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision, **kwargs)
 
@@ -105,13 +116,15 @@ def _conv1d_lora():
     if "cls" not in _CONV:
         class LoRAConv1D(_LoRAMixin, layers.Conv1D):
             def __call__(self, x):
-                return self._lora(x, super().__call__(x))
+                if not hasattr(self, "quant_base"):
+                    return self._lora(x, super().__call__(x))
+                return self._lora(x, self._base_matmul(x) + self.bias[...].astype(self.dtype))
 
             def _base_weight(self):
-                return self.weight[...]
+                return _dequantized(self) if hasattr(self, "quant_base") else self.weight[...]
 
             def _base_matmul(self, x):
-                return x.astype(self.dtype) @ self.weight[...].astype(self.dtype)
+                return x.astype(self.dtype) @ self._base_weight().astype(self.dtype)
 
         _CONV["cls"] = LoRAConv1D
     return _CONV["cls"]
@@ -145,6 +158,9 @@ def inject(model: nnx.Module, lora_config, seed: int = 0) -> list[str]:
         raise UserError("lora.target_modules is empty")
     rngs = nnx.Rngs(seed + 1)
     dora = bool(lora_config.get("use_dora", False))  # .get: workdirs from before the key
+    quant = lora_config.get("quantize") or ""  # .get: workdirs from before the key
+    if quant not in QUANTIZE:
+        raise UserError(f"config.lora.quantize: {quant!r} is not one of '', 'int8', 'nf4'")
     base = getattr(model, "base_prefix", "")
     adapted = []
     for path, module in list(nnx.iter_modules(model)):
@@ -169,6 +185,8 @@ def inject(model: nnx.Module, lora_config, seed: int = 0) -> list[str]:
         module.lora_index = len(adapted)
         if dora:  # m = ||W|| + delta: delta 0 is PEFT's start, m = ||W + s·B·A|| with B = 0
             setattr(module, MAGNITUDE, nnx.Param(jnp.zeros((d_out,), jnp.float32)))
+        if quant:
+            _quantize_module(module, quant, name)
         _replace(model, path, module, _lora_class(type(module)))
         adapted.append(name)
     if not adapted:
@@ -186,6 +204,10 @@ def adapter_spec(path: str, base_rule) -> P | None:
     """Sharding rule of an adapter (None: not an adapter): lora_A (in, r) shards its input like the adapted
     layer's kernel, lora_B (r, out) and DoRA's magnitude (out,) its output, so x @ A @ B splits like x @ W.
     `base_rule(name)` is the family's rule for a parameter name (None: replicated)."""
+    q = _QUANT.match(path)
+    if q is not None:  # QLoRA codes / scales (2-D, output features last): split over the kernel's output axis
+        spec = tuple(base_rule(f"{q[1]}.{q[2]}") or ()) + (None, None)
+        return P(None, spec[1])
     m = _ADAPTER.match(path)
     if m is None:
         return None
@@ -216,7 +238,9 @@ class Merged(Mapping):
     (spread over processes too: then every process must read it, as export's gather does); numpy on the host."""
 
     def __init__(self, params: dict, scales: dict[str, float]):
-        self.base = {k: v for k, v in params.items() if not is_adapter(k)}  # merged weights keep these shapes
+        self.quantized = quantized_kernels(params)  # QLoRA: {kernel name: (codes, scales)}, dequantised when read
+        self.base = {k: v for k, v in params.items() if not is_adapter(k) and not _QUANT.match(k)}
+        self.base.update({k: jax.ShapeDtypeStruct(kernel_shape(c), np.float32) for k, (c, _) in self.quantized.items()})
         self.adapted = {}
         for module, scale in scales.items():
             key = f"{module}.kernel" if f"{module}.kernel" in self.base else f"{module}.weight"
@@ -224,7 +248,7 @@ class Merged(Mapping):
                                  params.get(f"{module}.{MAGNITUDE}"))
 
     def __getitem__(self, key: str):
-        w = self.base[key]
+        w = self.base[key] if key not in self.quantized else dequantize(*self.quantized[key])
         if key not in self.adapted:
             return w
         a, b, scale, delta = self.adapted[key]
@@ -270,7 +294,9 @@ def magnitudes(params: dict) -> dict[str, object]:
         if not key.endswith(f".{MAGNITUDE}"):
             continue
         module = key[: -len(MAGNITUDE) - 1]
-        w = params[f"{module}.kernel"] if f"{module}.kernel" in params else params[f"{module}.weight"]
+        quant = quantized_kernels(params)
+        kernel = next(k for k in (f"{module}.kernel", f"{module}.weight") if k in params or k in quant)
+        w = dequantize(*quant[kernel]) if kernel in quant else params[kernel]
         if isinstance(w, jax.Array):
             out[module] = _magnitude_on_devices(w, delta)
         else:
@@ -291,3 +317,93 @@ def magnitude_delta(w, m) -> np.ndarray:
 
 def adapter_scales(model: nnx.Module) -> dict[str, float]:
     return {".".join(map(str, p)): m.lora_scale for p, m in nnx.iter_modules(model) if hasattr(m, "lora_scale")}
+
+
+# ---- QLoRA: the frozen base kernels of adapted layers, quantised (see the module docstring) -------------------------
+
+QUANTIZE = ("", "int8", "nf4")
+NF4_BLOCK = 64
+# bitsandbytes' NF4 codebook (functional.get_4bit_type("nf4")), the QLoRA paper's NormalFloat4 values
+NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0], np.float32)
+_QUANT = re.compile(r"^(.*)\.(kernel|weight)_q(codes|scale)$")
+
+
+def quantize(w, kind: str):
+    """(codes, scales) of a float kernel `w` (in, out): int8 per output feature, or nf4 per 64-weight block."""
+    f32 = jnp.float32
+    w = jnp.asarray(w).astype(f32)
+    if kind == "int8":
+        amax = jnp.max(jnp.abs(w), axis=0, keepdims=True)  # (1, out)
+        scale = jnp.where(amax > 0, amax / 127, 1.0).astype(f32)
+        return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
+    d_in, d_out = w.shape
+    blocks = w.reshape(d_in // NF4_BLOCK, NF4_BLOCK, d_out)
+    amax = jnp.max(jnp.abs(blocks), axis=1)  # (in/64, out)
+    x = (blocks / jnp.where(amax > 0, amax, 1.0)[:, None]).reshape(d_in, d_out)
+    mids = (NF4[1:] + NF4[:-1]) / 2  # nearest codebook value: how many midpoints lie below x
+    idx = sum((x > jnp.float32(m)).astype(jnp.uint8) for m in mids).reshape(d_in // 2, 2, d_out)
+    return (idx[:, 0] << 4) | idx[:, 1], amax
+
+
+def dequantize(codes, scale):
+    """The float32 kernel (in, out) of `quantize`'s (codes, scales); the kind follows from the codes' dtype."""
+    xp = np if isinstance(codes, np.ndarray) else jnp
+    if codes.dtype == np.int8:
+        return codes.astype(np.float32) * scale
+    d_out = codes.shape[-1]
+    idx = xp.stack([codes >> 4, codes & 15], axis=1).reshape(-1, NF4_BLOCK, d_out)
+    return (xp.asarray(NF4)[idx] * scale[:, None]).reshape(-1, d_out)
+
+
+def kernel_shape(codes) -> tuple[int, int]:
+    return (codes.shape[0] * (2 if codes.dtype == np.uint8 else 1), codes.shape[1])
+
+
+def _dequantized(module):
+    base = module.quant_base
+    return dequantize(getattr(module, f"{base}_qcodes")[...], getattr(module, f"{base}_qscale")[...])
+
+
+def _quantize_module(module, kind: str, name: str) -> None:
+    """Replaces the module's float base kernel with its quantised codes and scales (values when it has values,
+    shapes when it has only shapes: the loaded weights are quantised later by `quantize_params`)."""
+    base = "kernel" if isinstance(module, nnx.Linear) else "weight"
+    w = getattr(module, base).get_value()
+    if kind == "nf4" and w.shape[0] % NF4_BLOCK:
+        raise UserError(f"lora.quantize=nf4: {name} has {w.shape[0]} input features, not a multiple of {NF4_BLOCK} "
+                        "(the NF4 block size); use lora.quantize=int8 or leave it out of lora.target_modules")
+    codes, scale = (jax.eval_shape(lambda v: quantize(v, kind), w) if isinstance(w, jax.ShapeDtypeStruct)
+                    else quantize(w, kind))
+    delattr(module, base)
+    setattr(module, f"{base}_qcodes", nnx.Param(codes))
+    setattr(module, f"{base}_qscale", nnx.Param(scale))
+    module.quant_base = base
+
+
+def quantized_kernels(params) -> dict[str, tuple]:
+    """{float kernel name: (codes, scales)} of the quantised kernels in flat `params`."""
+    return {f"{m[1]}.{m[2]}": (params[f"{m[1]}.{m[2]}_qcodes"], params[f"{m[1]}.{m[2]}_qscale"])
+            for m in map(_QUANT.match, params) if m is not None and m[3] == "codes"}
+
+
+def quantize_params(params: dict, model: nnx.Module) -> dict:
+    """Flat `params` whose float base kernels the (injected, quantising) `model` holds quantised: each replaced by
+    its codes and scales, computed where it lies (on its devices), the float array freed at once."""
+    out = dict(params)
+    for path, module in nnx.iter_modules(model):
+        if not hasattr(module, "quant_base"):
+            continue
+        prefix = f"{'.'.join(map(str, path))}.{module.quant_base}"
+        w = out.pop(prefix)
+        kind = "int8" if getattr(module, f"{module.quant_base}_qcodes").get_value().dtype == np.int8 else "nf4"
+        out[f"{prefix}_qcodes"], out[f"{prefix}_qscale"] = _quantize_jit(w, kind)
+        if isinstance(w, jax.Array):
+            w.delete()  # no float copy of the base kernel stays behind
+        del w
+    return out
+
+
+_quantize_jit = jax.jit(quantize, static_argnums=1)
