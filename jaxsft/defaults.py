@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.decoder_start_token_id = config_dict.placeholder(int)  # seq2seq; None: from the checkpoint
     c.model.from_scratch = False  # True: the architecture of the checkpoint's config with fresh random weights
 
-    # Speed / memory (decoder families llama, mistral, qwen2, qwen3):
+    # Speed / memory (decoder families llama, mistral, qwen2, qwen3, gemma; BERT-like encoders; see the README):
     c.model.remat = "none"  # none | dots (recompute all but matmul outputs) | full: per-layer rematerialisation
     c.model.scan_layers = False  # True: layers stacked and run under lax.scan (compile time independent of depth)
     # attention kernel: auto (cuDNN's fused kernel on GPU in bf16/fp16, Pallas splash on TPU, XLA elsewhere) | xla

@@ -45,10 +45,19 @@ FAMILIES = {  # name: (HF config, task, attention layers of (train/eval, encoder
     "bert": (lambda: encoder(tf.BertConfig), "classification"),
     "roberta": (lambda: encoder(tf.RobertaConfig, pad_token_id=1), "classification"),
     "xlm-roberta": (lambda: encoder(tf.XLMRobertaConfig, pad_token_id=1), "classification"),
+    "electra": (lambda: encoder(tf.ElectraConfig, embedding_size=32), "classification"),
+    "distilbert": (lambda: tf.DistilBertConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=4, dropout=0.0,
+                                               attention_dropout=0.0, max_position_embeddings=256, **DIMS),
+                   "classification"),
     "llama": (lambda: decoder(tf.LlamaConfig), "causal_lm"),
     "mistral": (lambda: decoder(tf.MistralConfig, sliding_window=16), "causal_lm"),
     "qwen2": (lambda: decoder(tf.Qwen2Config), "causal_lm"),
     "qwen3": (lambda: decoder(tf.Qwen3Config, head_dim=16), "causal_lm"),
+    "gemma": (lambda: decoder(tf.GemmaConfig, head_dim=16), "causal_lm"),
+    # Gemma 2 without its attention soft-cap (which has no fused kernel: test_gemma2_soft_capped_attention_...)
+    "gemma2": (lambda: decoder(tf.Gemma2Config, head_dim=16, query_pre_attn_scalar=16, sliding_window=4096,
+                               attn_logit_softcapping=None), "causal_lm"),
+    "gemma3_text": (lambda: decoder(tf.Gemma3TextConfig, head_dim=16, sliding_window=4096), "causal_lm"),
     "gpt2": (lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, attn_pdrop=0.0, resid_pdrop=0.0,
                                    embd_pdrop=0.0, **DIMS), "causal_lm"),
     "t5": (lambda: tf.T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, dropout_rate=0.0,
@@ -203,6 +212,18 @@ def test_sliding_window_longer_than_the_row_keeps_the_packed_form():
     finally:
         del FAMILIES["mistral_long"]
     assert len(packed_calls(got["train"])) >= LAYERS and got["fallbacks"] == []
+
+
+def test_gemma2_soft_capped_attention_lowers_to_xla_and_says_so():
+    """tanh soft-capping of the scores (Gemma 2's attn_logit_softcapping) is in no fused kernel jaxsft reaches: the
+    explicit XLA attention, one log line saying why, not a silent fallback."""
+    FAMILIES["gemma2_softcap"] = (lambda: decoder(tf.Gemma2Config, head_dim=16, sliding_window=4096), "causal_lm")
+    try:
+        got = lowered_steps("gemma2_softcap", steps=("train", "decode"))
+    finally:
+        del FAMILIES["gemma2_softcap"]
+    assert got["train"] == [] and got["decode"] == []
+    assert any("soft-capping" in w for w in got["fallbacks"]), got["fallbacks"]
 
 
 def test_bert_with_scan_and_lora_keeps_cudnn_attention():
