@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 
 from jaxsft import cli
-from jaxsft.errors import UserError, run_cli
+from jaxsft.errors import UserError, first_line, run_cli
 
 log = logging.getLogger("jaxsft")
 GiB = 1024**3
@@ -342,7 +342,7 @@ def compile_step(config, topo: Topology, b: int, t: int, u: int | None, quiet: b
         needed, available = oom_figures(str(e))
         report.hbm_bytes = available or chip.hbm
         report.total_bytes = needed or 0
-        report.message = str(e).strip().splitlines()[0][:300]
+        report.message = first_line(e)[:300]
         return report
     report = _report(topo, mesh, built, batch, b, t, u)
     mem = compiled.memory_analysis()

@@ -18,7 +18,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from jaxsft import defaults
-from jaxsft.errors import UserError
+from jaxsft.errors import UserError, first_line
 
 log = logging.getLogger("jaxsft")
 NONE_WORDS = ("none", "null")  # `--config.KEY=None` on a placeholder key (default None): None
@@ -43,7 +43,7 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
         config = module.get_config()
     except Exception as e:
         raise UserError(f"--config: {path}: get_config() failed: {type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+                        f"{first_line(e)}") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(f"--config: {path}: get_config() returned {type(config).__name__} {_short(config)}, not an "
                         "ml_collections.ConfigDict (start from jaxsft.defaults.base_config())")

@@ -24,6 +24,12 @@ class Stopped(Exception):
     """Training stopped at a step boundary on SIGTERM/SIGINT after writing a checkpoint: exit 75."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first non-blank line of an exception's message, stripped ("" when it has none): what one-line errors
+    quote of a library's exception."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+
+
 def _flush_native_output() -> None:
     """Writes out what native libraries left in C stdio buffers (gloo's connection lines in a multi-host run), so
     the CLI's own closing line comes after it."""
@@ -71,7 +77,6 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     except Exception as e:  # noqa: BLE001 - the CLI's last line must stay one readable line
         if verbose:
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        _say(f"error: {type(e).__name__}: {msg} (rerun with --verbose for the traceback)")
+        _say(f"error: {type(e).__name__}: {first_line(e)} (rerun with --verbose for the traceback)")
         sys.exit(EXIT_FAILURE)
     sys.exit(code or 0)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxsft.errors import UserError
+from jaxsft.errors import UserError, first_line
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "flax_model.msgpack",
                 "flax_model.msgpack.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -184,7 +184,7 @@ def readable(path: Path) -> None:
 
 
 def safetensors_error(path: Path, e: Exception) -> UserError:
-    return UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+    return UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {first_line(e)[:200]}); "
                      "the download or copy may be cut short: fetch or export it again")
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from jaxsft import fs, parallel
 from jaxsft.data import sharded
 from jaxsft.data.batching import BatchPlan, choose_buckets, default_buckets
-from jaxsft.errors import UserError
+from jaxsft.errors import UserError, first_line
 
 log = logging.getLogger("jaxsft")
 
@@ -72,7 +72,7 @@ def load_hf_config(folder: Path, source: str):
         return AutoConfig.from_pretrained(folder)
     except Exception as e:
         raise UserError(f"{source}: cannot read {folder}/config.json ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                        f"{first_line(e)})") from None
 
 
 def load_tokenizer(folder: Path, source: str):
@@ -82,7 +82,7 @@ def load_tokenizer(folder: Path, source: str):
         tok = AutoTokenizer.from_pretrained(folder)
     except Exception as e:
         raise UserError(f"{source}: cannot load a tokenizer from {folder} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); are the tokenizer files missing?") from None
+                        f"{first_line(e)}); are the tokenizer files missing?") from None
     # Without tokenizer files transformers 5 quietly builds a tokenizer of special tokens only (every word → UNK).
     try:
         real = set(tok.get_vocab()) - set(tok.all_special_tokens) - set(tok.get_added_vocab())

@@ -30,7 +30,7 @@ from jaxsft import config as config_lib
 from jaxsft.checkpoint import Checkpoints, abstract
 from jaxsft.data import sharded
 from jaxsft.data.batching import BatchPlan, padding_share
-from jaxsft.errors import EXIT_FAILURE, EXIT_STOPPED, RunFailed, Stopped, UserError
+from jaxsft.errors import EXIT_FAILURE, EXIT_STOPPED, RunFailed, Stopped, UserError, first_line
 from jaxsft.lock import WorkdirLock
 from jaxsft.models import Functional, compute_dtype, layers, report_load
 from jaxsft.reporting import MetricsWriter, Progress
@@ -136,7 +136,7 @@ def _check_remote_workdir(workdir) -> None:
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - auth, no such bucket, no network: all one line
-        text = str(e).splitlines()[0][:200] if str(e) else ""
+        text = first_line(e)[:200]
         raise UserError(f"--workdir {workdir} is not writable (writing {probe.name} failed: {type(e).__name__}: "
                         f"{text})") from None
 
@@ -690,5 +690,5 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
                 log.info("%s", line)
             report.plot(workdir)
         except Exception as e:  # noqa: BLE001 - a missing plot must never fail a finished run
-            log.warning("warning: no run report (%s: %s)", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            log.warning("warning: no run report (%s: %s)", type(e).__name__, first_line(e))
     return final

@@ -106,7 +106,7 @@ def test_multi_host_topology_compiles(folders, libtpu):
 
 def test_run_that_does_not_fit_exits_2_with_one_line(folders, libtpu, capsys):
     argv = ["--config", "configs/sft.py", "--topology", "v5e-4", f"--config.model.name_or_path={folders / 'huge'}",
-            "--config.batch_size=4", "--config.max_length=64"]
+            "--config.batch_size=4", "--config.max_length=128"]  # 128: splash takes it (no fallback warning)
     code, out, err = run(argv, capsys)
     assert code == 2 and out == ""
     lines = err.strip().splitlines()

@@ -278,3 +278,10 @@ def test_checkpoint_from_another_task_is_refused(change, trained, tmp_path, caps
     for want in (str(workdir), "'classification'", "'causal_lm'"):
         assert want in line, f"{want!r} not in the error line\n{report}"
     assert _snapshot(workdir) == before
+
+
+def test_first_line_of_an_exception():
+    from jaxsft.errors import first_line
+
+    assert first_line(ValueError("\n  \n  bad thing  \nmore detail")) == "bad thing"
+    assert first_line(ValueError()) == "" and first_line(KeyError("k")) == "'k'"

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from jaxsft import fs
-from jaxsft.errors import UserError
+from jaxsft.errors import UserError, first_line
 
 log = logging.getLogger("jaxsft")
 
@@ -90,7 +90,7 @@ def load_source(spec: str, key: str, *, source_field: str = "source", target_fie
             ds = datasets.load_dataset(path_name, config_name, split=split or "train")
         except Exception as e:
             raise UserError(f"{key}: cannot load data set {spec!r} ({type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+                            f"{first_line(e)})") from None
     if len(ds) == 0:
         raise UserError(f"{key}: {spec} has no rows")
     return ds
@@ -117,7 +117,7 @@ def load_mixture(specs: list[str], weights: list[float], stopping: str, seed: in
                 parts[i] = p.cast(parts[0].features)
             except Exception as e:  # noqa: BLE001
                 raise UserError(f"data.mixture[{i}] ({specs[i]}): its column types cannot take data.mixture[0]'s "
-                                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+                                f"({type(e).__name__}: {first_line(e)[:200]})") from None
     total = float(sum(weights)) if weights else 0.0
     return datasets.interleave_datasets(parts, probabilities=[w / total for w in weights] if weights else None,
                                         seed=seed, stopping_strategy=stopping)
@@ -287,14 +287,14 @@ def _diagnose_parquet(path: Path, spec: str) -> str | None:
     try:
         meta = pq.ParquetFile(path).metadata
     except Exception as e:  # noqa: BLE001 - pyarrow's errors name the cause
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e) or type(e).__name__
         return f"{spec} is not a readable Parquet file ({first})"
     if meta.num_rows == 0:
         return f"{spec} has no rows"
     try:
         pq.read_table(path)
     except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e) or type(e).__name__
         return f"{spec} is a damaged Parquet file ({first})"
     return None
 
@@ -434,7 +434,7 @@ def load_tfds(spec: str, key: str, data_dir: str | None = None):
     except ImportError as e:  # e.g. array_record missing: tfds imports it lazily
         raise UserError(f"{key}: {spec!r} needs {e.name or 'a missing module'}: {TFDS_EXTRA}") from None
     except Exception as e:  # not found, not prepared, unknown split, TFRecord files, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e)
         raise UserError(f"{key}: cannot read TFDS data set {name!r} split {split!r} from {where} "
                         f"({type(e).__name__}: {first}); it must be prepared there in ArrayRecord format, e.g. with "
                         "`tfds build NAME --file_format=array_record --data_dir DIR`") from None

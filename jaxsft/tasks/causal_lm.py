@@ -44,7 +44,7 @@ from jaxsft.data import batching, sharded
 from jaxsft.data.batching import BatchPlan, bucket_for, local_part, pad_rows
 from jaxsft.data.packing import next_token_targets, pack, segment_layout
 from jaxsft.data.sources import require_columns
-from jaxsft.errors import UserError
+from jaxsft.errors import UserError, first_line
 
 log = logging.getLogger("jaxsft")
 
@@ -349,7 +349,7 @@ def _chat_texts(ex: _Chat, tokenizer, config, key: str, row: int) -> list[str]:
         try:
             return _render(tokenizer, config, msgs, gen)
         except Exception as e:  # noqa: BLE001 - a template error is a data or template problem
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            msg = first_line(e)
             raise UserError(f"{key}: row {row}: the chat template failed ({type(e).__name__}: {msg})") from None
 
     m, turns = ex.messages, ex.loss_turns
