@@ -311,7 +311,7 @@ def test_forward_passes_positions_and_segments_and_metric_is_eval_loss(tok):
 
     assert causal_lm.forward(apply, "P", b).shape == (2, 128, 7)
     assert seen["params"] == "P" and seen["positions"] is b["positions"] and seen["segment_ids"] is b["segment_ids"]
-    assert causal_lm.checkpoint_metric(config()) == ("eval_loss", "min") and causal_lm.id2label(config()) == {}
+    assert causal_lm.checkpoint_metric(config()) == ("eval_loss", "min")
 
 
 def test_render_prompt_wraps_a_raw_prompt_as_training_did(tok):

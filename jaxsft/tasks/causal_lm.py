@@ -45,11 +45,12 @@ from jaxsft.data.batching import BatchPlan, bucket_for, local_part, pad_rows
 from jaxsft.data.packing import next_token_targets, pack, segment_layout
 from jaxsft.data.sources import require_columns
 from jaxsft.errors import UserError, first_line
+from jaxsft.tasks.losses import token_nll
 
 log = logging.getLogger("jaxsft")
 
 name = "causal_lm"
-default_metric = regression_metric = ("eval_loss", "min")
+default_metric = ("eval_loss", "min")
 FORMATS = {"messages": ["messages"], "prompt_completion": ["prompt", "completion"],
            "alpaca": ["instruction", "output"], "text": ["text"]}
 LOSS_ON = ("assistant", "last_turn", "all")  # data.loss_on
@@ -147,10 +148,6 @@ def generation_rows(hypotheses: list[str], features, config) -> list[dict]:
     """One JSON row per decoded eval prompt: index, prompt, reference, completion."""
     return [{"index": i, "prompt": p, "reference": r, "completion": h}
             for i, (p, r, h) in enumerate(zip(features.prompts, features.references, hypotheses))]
-
-
-def id2label(config) -> dict[int, str]:
-    return {}
 
 
 def detect_format(ds, key: str, spec: str) -> str:
@@ -532,20 +529,10 @@ def forward(apply, params, batch, rng=None):
                  segment_ids=batch["segment_ids"], rng=rng)
 
 
-def _token_nll(logits, targets, label_smoothing: float = 0.0):
-    """Per-token cross-entropy in float32: logsumexp - target logit (log_softmax without a one-hot or a copy)."""
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    nll = lse - jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    if label_smoothing > 0:  # CE against (1 - a) * onehot + a / V
-        nll = (1.0 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(axis=-1))
-    return nll
-
-
 def loss(logits, batch, config):
     """(sum of token cross-entropies over loss tokens, number of loss tokens): the loop divides."""
     mask = batch["loss_mask"]
-    return (_token_nll(logits, batch["targets"], config.label_smoothing) * mask).sum(), mask.sum()
+    return (token_nll(logits, batch["targets"], config.label_smoothing) * mask).sum(), mask.sum()
 
 
 def chunked_loss(hidden, kernel, targets, mask, chunk: int, label_smoothing: float = 0.0):
@@ -564,7 +551,7 @@ def chunked_loss(hidden, kernel, targets, mask, chunk: int, label_smoothing: flo
     @jax.checkpoint
     def one(w, hc, tc, mc):
         logits = jnp.dot(hc, w).astype(jnp.float32)
-        return (_token_nll(logits, tc, label_smoothing) * mc).sum()
+        return (token_nll(logits, tc, label_smoothing) * mc).sum()
 
     def body(acc, xs):
         return acc + one(w, *xs), None
@@ -588,7 +575,7 @@ def train_sums(functional, params, batch, rng, config):
 def eval_outputs(logits, batch):
     """(B, 2) float32 per row: [sum of token NLL over loss tokens, number of loss tokens]."""
     mask = batch["loss_mask"]
-    return jnp.stack([(_token_nll(logits, batch["targets"]) * mask).sum(-1), mask.sum(-1)], axis=-1)
+    return jnp.stack([(token_nll(logits, batch["targets"]) * mask).sum(-1), mask.sum(-1)], axis=-1)
 
 
 def compute_metrics(outputs: np.ndarray, features: Features, config) -> dict[str, float]:

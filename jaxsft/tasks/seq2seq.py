@@ -25,7 +25,7 @@ import numpy as np
 from jaxsft.data import sharded
 from jaxsft.data.batching import bucket_for, default_buckets, local_part, pad_rows
 from jaxsft.data.sources import require_columns
-from jaxsft.tasks.causal_lm import _token_nll as token_nll
+from jaxsft.tasks.losses import token_nll
 
 log = logging.getLogger("jaxsft")
 
@@ -55,10 +55,6 @@ class Features:
 
 def checkpoint_metric(config) -> tuple[str, str]:
     return ("eval_bleu", "max")
-
-
-def id2label(config) -> dict[int, str]:
-    return {}
 
 
 def target_buckets(config) -> list[int]:
