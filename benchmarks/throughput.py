@@ -60,6 +60,7 @@ BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, 
                  vocab_size=30522, max_position_embeddings=512)
 BERT_TINY = dict(BERT_BASE, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 TUNED = {"model.scan_layers": True, "model.remat": "dots", "chunked_loss_size": 4096}
+PROFILE_STEPS = 5
 
 # case → (kind, settings); shapes are picked by `shapes()`.
 CASES = {
@@ -218,7 +219,7 @@ def llama_features(case: str, shape: dict, rng):
 
 
 def run_case(case: str, tiny, sets: dict, steps: int | None = None, memory_analysis: bool = False,
-             hf_sets: dict | None = None) -> dict:
+             hf_sets: dict | None = None, profile: str | None = None) -> dict:
     """Builds the case's model, optimizer and train step through jaxsft's pipeline and times it."""
     import jax
     import numpy as np
@@ -330,6 +331,20 @@ def run_case(case: str, tiny, sets: dict, steps: int | None = None, memory_analy
     }
     if kind == "llama_packed":
         result["useful_share"] = float(np.mean([u / computed for u in units]))
+    if profile:  # a few more steps under the profiler, after the timing (which the trace would slow)
+        from profile_kernels import summary
+
+        folder = Path(profile) / case
+        with jax.profiler.trace(str(folder)):
+            for i in range(PROFILE_STEPS):
+                state, out = step_fn(state, batches[i % len(batches)], np.int32(steps + 2 + i))
+            jax.block_until_ready((state, out))
+        try:
+            text = summary(str(folder), PROFILE_STEPS)
+        except Exception as e:  # noqa: BLE001 - the figures above stand without it
+            text = f"profile summary failed: {type(e).__name__}: {e}"
+        (Path(profile) / f"{case}_kernels.txt").write_text(text + "\n")
+        print(text, file=sys.stderr, flush=True)
     return result
 
 
@@ -438,6 +453,9 @@ def main(argv=None) -> int:
                     help="each case in its own process (default, except with --tiny)")
     ap.add_argument("--no-isolate", dest="isolate", action="store_false", help="run every case in this process")
     ap.add_argument("--case-timeout", type=int, default=300, help="seconds per isolated case")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help=f"trace {PROFILE_STEPS} more steps per case with jax.profiler into DIR/CASE and write "
+                         "DIR/CASE_kernels.txt, the GPU kernels by time (benchmarks/profile_kernels.py)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     sets = {}
@@ -458,7 +476,7 @@ def main(argv=None) -> int:
     size = "small" if a.small else a.tiny
     if a.child:  # one case in this process: print its result as the last line
         try:
-            result = run_case(a.child, size, sets, a.steps, a.memory_analysis, hf_sets)
+            result = run_case(a.child, size, sets, a.steps, a.memory_analysis, hf_sets, a.profile)
         except Exception as e:  # noqa: BLE001 - reported in the table, the other cases still run
             result = {"case": a.child, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
         print("RESULT " + json.dumps(result), flush=True)
@@ -496,7 +514,7 @@ def main(argv=None) -> int:
             cmd = [sys.executable, __file__, "--child", case, *(["--tiny"] if a.tiny else []),
                    *(["--small"] if a.small else []), *(["--memory-analysis"] if a.memory_analysis else []),
                    *([f"--steps={a.steps}"] if a.steps else []), *(f"--set={s}" for s in a.set),
-                   *(f"--hf={s}" for s in a.hf)]
+                   *(f"--hf={s}" for s in a.hf), *([f"--profile={a.profile}"] if a.profile else [])]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=case_timeout)
                 lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -506,7 +524,7 @@ def main(argv=None) -> int:
                 result = {"case": case, "error": f"timed out after {case_timeout} s"}
         else:
             try:
-                result = run_case(case, size, sets, a.steps, a.memory_analysis, hf_sets)
+                result = run_case(case, size, sets, a.steps, a.memory_analysis, hf_sets, a.profile)
             except Exception as e:  # noqa: BLE001
                 result = {"case": case, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         result["wall_s"] = time.perf_counter() - t

@@ -26,7 +26,7 @@ BENCH = ROOT / "benchmarks"
 GPU_CHECK = BENCH / "gpu_check.sh"
 PREPARE = BENCH / "prepare_gpu_wheels.sh"
 THROUGHPUT = BENCH / "throughput.py"
-FIRST_PARTY = {"jaxsft", "throughput", "benchmarks"}
+FIRST_PARTY = {"jaxsft", "throughput", "profile_kernels", "benchmarks"}
 # The GPU image's interpreter (KINDS.md: Python 3.12.3 on x86-64 Linux), for the wheels' requirement markers.
 IMAGE_ENV = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
              "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",

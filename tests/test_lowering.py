@@ -103,6 +103,8 @@ def lower_for_cuda(fn, args) -> str:
 
 
 CALL = re.compile(r"custom_call @__cudnn\$(fmha\w+)\(([^)]*)\)")
+# a scatter whose combiner adds half-precision values: an embedding gradient summed in bf16 (layers.embedding_lookup)
+HALF_SCATTER = re.compile(r'"stablehlo\.scatter"[^\n]*\n\s*\^bb0\(%\w+: tensor<(?:bf16|f16)>')
 
 
 def cudnn_calls(text: str) -> list[tuple[str, int]]:
@@ -140,7 +142,7 @@ def lowered_steps(family: str, dtype: str = "bfloat16", steps=("train", "eval", 
     make_hf, task = FAMILIES[family]
     config = config_for(task, dtype, **overrides)
     mesh = parallel.make_mesh(config.mesh)
-    out = {}
+    out = {"half_scatters": {}}
     with cuda_lowering():
         built = aot_steps.build(config, make_hf(), mesh)
         target = TARGET if task == "seq2seq" else None
@@ -153,7 +155,9 @@ def lowered_steps(family: str, dtype: str = "bfloat16", steps=("train", "eval", 
                 if task == "classification":
                     continue
                 fn, args = aot_steps.decode_step(built, 4, 16, max_new_tokens=8)
-            out[name] = cudnn_calls(lower_for_cuda(fn, args))
+            text = lower_for_cuda(fn, args)
+            out[name] = cudnn_calls(text)
+            out["half_scatters"][name] = len(HALF_SCATTER.findall(text))
         out["fallbacks"] = sorted(layers._WARNED)
     return out
 
@@ -168,6 +172,7 @@ def test_every_family_lowers_for_cuda_with_cudnn_attention_in_bf16(family):
     got = lowered_steps(family)
     n = attention_layers(task)
     assert got["fallbacks"] == [], f"{family}: silent XLA fallback {got['fallbacks']}"
+    assert got["half_scatters"]["train"] == 0, f"{family}: an embedding gradient is scatter-added in half precision"
     assert len(forward_calls(got["eval"])) >= n, f"{family} eval: {got['eval']}"
     assert len(forward_calls(got["train"])) >= n, f"{family} train: {got['train']}"
     assert len(backward_calls(got["train"])) >= n, f"{family} train backward: {got['train']}"

@@ -43,6 +43,7 @@ from jaxsft.models.layers import (
     _WARNED,
     F32,
     CausalLM,
+    Embed,
     LastTokenClassifier,
     PackedMask,
     RMSNorm,
@@ -130,7 +131,7 @@ class GemmaRMSNorm(RMSNorm):
         return (y * (1.0 + self.scale[...])).astype(x.dtype)
 
 
-class ScaledEmbed(nnx.Embed):
+class ScaledEmbed(Embed):
     """An embedding whose lookups are multiplied by `normalizer` rounded to the compute dtype (float32 →
     compute dtype, as transformers' `embed_scale` buffer); `attend` (the tied LM head) uses the plain table."""
 

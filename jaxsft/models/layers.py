@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 import os
 from typing import NamedTuple
@@ -28,8 +29,56 @@ def dense(features_in: int, features_out: int, *, dtype, rngs: nnx.Rngs, std: fl
 
 
 def embed(num: int, features: int, *, dtype, rngs: nnx.Rngs, std: float = 0.02) -> nnx.Embed:
-    return nnx.Embed(num, features, dtype=dtype, param_dtype=F32, embedding_init=nnx.initializers.normal(std),
-                     rngs=rngs)
+    return Embed(num, features, dtype=dtype, param_dtype=F32, embedding_init=nnx.initializers.normal(std), rngs=rngs)
+
+
+ONE_HOT_GRAD_ROWS = 4096  # on GPU / TPU, tables up to this many rows take their gradient as a one-hot matmul
+
+
+class Embed(nnx.Embed):
+    """nnx.Embed whose lookup reads the float32 table and casts the rows, so the table's gradient is accumulated
+    in float32 (`embedding_lookup`), never scatter-added in the compute dtype."""
+
+    def __call__(self, inputs, out_sharding=None):
+        if out_sharding is not None or self.num_embeddings == 1 or not jnp.issubdtype(inputs.dtype, jnp.integer):
+            return super().__call__(inputs, out_sharding)
+        return embedding_lookup(self.embedding[...], inputs, self.dtype or self.embedding[...].dtype)
+
+
+def embedding_lookup(table, ids, dtype):
+    """`jnp.take(table, ids, axis=0).astype(dtype)` with a float32 gradient and no write contention.
+
+    The plain lookup on a bf16 copy of the table differentiates into a bf16 scatter-add: every token adds its row's
+    gradient into the table in bf16. Rows many tokens share (BERT's token type 0 and its positions, T5's relative
+    buckets, the padding id) then serialise on a GPU's compare-and-swap loop, and the sum is rounded to bf16 at
+    every add: on an H200 that one scatter took 85-119 ms of a 140-170 ms BERT-base step at batch 256 (GPU
+    profile, benchmarks/README.md). Here the gradient is summed in float32: for small tables on GPU / TPU as a
+    one-hot matmul (no scatter), otherwise a float32 segment sum."""
+    num = table.shape[0]
+    one_hot = num <= ONE_HOT_GRAD_ROWS and platform() in ("gpu", "tpu")
+    return _lookup(table, ids, jnp.dtype(dtype).name, num, one_hot)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _lookup(table, ids, dtype: str, num: int, one_hot: bool):
+    return jnp.take(table, ids, axis=0).astype(dtype)
+
+
+def _lookup_fwd(table, ids, dtype, num, one_hot):
+    return _lookup(table, ids, dtype, num, one_hot), ids
+
+
+def _lookup_bwd(dtype, num, one_hot, ids, g):
+    flat_ids, flat_g = ids.reshape(-1), g.reshape(-1, g.shape[-1])
+    if one_hot:
+        grad = jnp.einsum("nv,nd->vd", jax.nn.one_hot(flat_ids, num, dtype=g.dtype), flat_g,
+                          preferred_element_type=F32)
+    else:
+        grad = jax.ops.segment_sum(flat_g.astype(F32), flat_ids, num_segments=num)
+    return grad.astype(F32), None
+
+
+_lookup.defvjp(_lookup_fwd, _lookup_bwd)
 
 
 class LayerNorm(nnx.LayerNorm):
