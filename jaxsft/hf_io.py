@@ -37,6 +37,9 @@ def resolve(name_or_path: str) -> Path:
 
         local = snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "flax_model.msgpack*",
                                                                 "*.txt", "*.model", "*.spm", "*.jinja"])
+        if not any((Path(local) / f).is_file() for f in WEIGHT_FILES if not f.startswith("pytorch_model")):
+            # older repositories (e.g. microsoft/deberta-v3-base) have only torch .bin weights: fetched only then
+            local = snapshot_download(name_or_path, allow_patterns=["pytorch_model.bin*"])
     except Exception as e:  # offline, unknown repo, gated repo, ...
         raise UserError(f"model.name_or_path: cannot get {name_or_path!r} from the Hugging Face hub "
                         f"({type(e).__name__}; offline or unknown id?) and no such local folder exists") from None
