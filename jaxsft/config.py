@@ -339,6 +339,12 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     if config.max_steps <= 0 and config.num_epochs <= 0:
         raise UserError(f"config.max_steps ({config.max_steps}) and config.num_epochs ({config.num_epochs}) are "
                         "both <= 0: nothing to train")
+    if config.data.streaming and config.max_steps <= 0:
+        raise UserError(f"config.data.streaming=True needs config.max_steps > 0: a stream has no length, so "
+                        f"num_epochs ({config.num_epochs}) cannot count the steps")
+    if config.data.streaming and config.data.eval_fraction:
+        raise UserError(f"config.data.eval_fraction={config.data.eval_fraction} holds out part of a data set read "
+                        "whole; with data.streaming=True set data.eval instead (or data.eval_fraction=0)")
     for key in defaults.ITEMS:
         value = have[key]
         if value is None:

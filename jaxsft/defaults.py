@@ -49,6 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_buckets = 5  # data.buckets unset: this many padded lengths (multiples of 8) that pad the run's
     # batches least (train: epoch 0's batches; eval: its length-sorted batches); 0: powers of two up to max_length
     c.data.group_by_length = True  # batch examples of similar length together (less padding)
+    # the training source(s) read as a stream (datasets' load_dataset(..., streaming=True)), tokenized and batched as
+    # they come: data larger than memory; needs max_steps; data.eval stays in memory (jaxsft/data/streaming.py)
+    c.data.streaming = False
+    c.data.shuffle_buffer_size = 10_000  # data.streaming: examples in the shuffle buffer (seed + epoch); 0: in order
 
     # causal_lm (SFT) data: the format is detected from the fields (text | prompt+completion |
     # instruction+input+output | messages) unless data.format names one.
@@ -158,6 +162,7 @@ RANGES: dict[str, tuple[str, str]] = {
     "model.decoder_start_token_id": ("[0, inf)", "a token id"),
     "data.eval_fraction": ("[0, 1)", "the share of data.train held out"),
     "data.num_buckets": ("[0, inf)", "0: powers of two up to max_length"),
+    "data.shuffle_buffer_size": ("[0, inf)", "0: the stream's own order"),
     "data.max_target_length": ("[2, inf)", "a target token and EOS"),
     "max_length": (f"[{MIN_MAX_LENGTH}, inf)", "tokens per row, special tokens included"),
     "batch_size": ("[1, inf)", ""),

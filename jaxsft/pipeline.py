@@ -39,15 +39,17 @@ def load_splits(config, *, need_train: bool = True):
     mixture = list(config.data.get("mixture") or [])  # .get: workdirs from before the key
     if mixture and config.data.train:
         raise UserError("set data.train or data.mixture, not both")
+    streaming = bool(config.data.get("streaming"))  # the training source as an IterableDataset (data/streaming.py)
     if not (need_train or (frac and not config.data.eval)):
         train = None
     elif mixture:
         from jaxsft.data.sources import load_mixture
 
         train = load_mixture(mixture, list(config.data.get("mixture_weights") or []),
-                             config.data.get("mixture_stopping") or "first_exhausted", config.seed, **fields)
+                             config.data.get("mixture_stopping") or "first_exhausted", config.seed,
+                             streaming=streaming, **fields)
     else:
-        train = load_source(config.data.train, "data.train", **fields)
+        train = load_source(config.data.train, "data.train", streaming=streaming, **fields)
     if config.data.eval:
         return train, load_source(config.data.eval, "data.eval", **fields)
     if frac > 0:

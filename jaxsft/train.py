@@ -450,9 +450,17 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
     if config.early_stopping_patience > 0 and eval_ds is None:
         raise UserError(f"config.early_stopping_patience={config.early_stopping_patience} needs evaluation data, but "
                         "config.data.eval is not set (nor data.eval_fraction); set one, or early_stopping_patience=0")
-    task.resolve_labels(config, train_ds)
-    # 1 process: the whole split tokenized; several: each its share, then its rows of each batch as they come
-    train = sharded.featurize(task, train_ds, tokenizer, config, "data.train", pipeline.train_spec(config))
+    streaming = bool(config.data.get("streaming"))  # .get: workdirs from before the key
+    if streaming:  # each process's share of the stream, tokenized and batched as the loop goes (data/streaming.py)
+        from jaxsft.data.streaming import TrainStream
+
+        rows = parallel.local_rows(mesh, config.batch_size)
+        train = TrainStream(task, train_ds, tokenizer, config, pipeline.train_spec(config),
+                            batch_size=rows.stop - rows.start, index=jax.process_index(), count=jax.process_count())
+    else:
+        task.resolve_labels(config, train_ds)
+        # 1 process: the whole split tokenized; several: each its share, then its rows of each batch as they come
+        train = sharded.featurize(task, train_ds, tokenizer, config, "data.train", pipeline.train_spec(config))
     evals = None
     if eval_ds is not None:
         eval_key = "data.eval" if config.data.eval else "data.train (eval_fraction hold-out)"
@@ -507,10 +515,13 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
             log.info("data.%s: %d duplicate examples (kept)", what, f.num_duplicates)
 
     # --- schedule, optimizer, steps ---
-    plan = BatchPlan(train.lengths, config.batch_size, seed=config.seed, shuffle=True,
-                     group_by_length=config.data.group_by_length)
-    bucket_list = pipeline.buckets(config, [train.lengths[b].max() for b in plan.epoch(0)])  # same on resume
-    total = config.max_steps if config.max_steps > 0 else config.num_epochs * plan.num_batches
+    if streaming:  # no length: max_steps counts the run (config.check_values)
+        plan, bucket_list, total = None, train.buckets, config.max_steps
+    else:
+        plan = BatchPlan(train.lengths, config.batch_size, seed=config.seed, shuffle=True,
+                         group_by_length=config.data.group_by_length)
+        bucket_list = pipeline.buckets(config, [train.lengths[b].max() for b in plan.epoch(0)])  # same on resume
+        total = config.max_steps if config.max_steps > 0 else config.num_epochs * plan.num_batches
     tx, lr_fn = optim.make_optimizer(config, total)
     train_params, frozen = pipeline.split_trainable(params, trainable)
     shardings = parallel.state_shardings(pipeline.train_state(train_params, frozen,
@@ -526,7 +537,10 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
     train_step = make_train_step(functional, task, tx, config, mesh, shardings)
     eval_step = pipeline.make_eval_step(functional, task, mesh, {**shardings.get("frozen", {}), **shardings["params"]})
     pad_id = tokenizer.pad_token_id
-    make_batch = pipeline.global_batches(task, train, config.batch_size, bucket_list, pad_id, mesh)
+    if streaming:  # the stream collates this process's rows; they become its part of the global arrays
+        make_batch = parallel.GlobalBatches(lambda arrays, rows: arrays, config.batch_size, mesh)
+    else:
+        make_batch = pipeline.global_batches(task, train, config.batch_size, bucket_list, pad_id, mesh)
     if jax.process_count() > 1:
         log.warning("process %d builds rows %d:%d of each global batch of %d", jax.process_index(),
                     make_batch.rows.start, make_batch.rows.stop, config.batch_size)
@@ -555,17 +569,22 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
                            wandb_project=config.get("wandb_project"), run_config=json.loads(config_lib.to_json(config)))
     # one row per run start: what the data held, and when the run started (the report's wall time counts from it)
     writer.write(0, {**data_counts(train, evals), "run_started": started or time.time()})
-    log.info("training %d steps (%d per epoch, batch %d, %d devices, mesh %s); padding %.1f%% of tokens "
-             "(buckets %s)", total, plan.num_batches, config.batch_size, mesh.size, dict(mesh.shape),
-             100 * padding_share(train.lengths, plan.epoch(0), config.batch_size, bucket_list), bucket_list)
+    if streaming:
+        log.info("training %d steps on a stream (batch %d, %d devices, mesh %s; buckets %s)", total,
+                 config.batch_size, mesh.size, dict(mesh.shape), bucket_list)
+    else:
+        log.info("training %d steps (%d per epoch, batch %d, %d devices, mesh %s); padding %.1f%% of tokens "
+                 "(buckets %s)", total, plan.num_batches, config.batch_size, mesh.size, dict(mesh.shape),
+                 100 * padding_share(train.lengths, plan.epoch(0), config.batch_size, bucket_list), bucket_list)
 
     train_step = precompile.Ahead(train_step, batch_arg=1)
     # every batch shape, train and eval, compiled in parallel
     if config.get("precompile", True) and step < total and stopped_early is None:
         upcoming, e, b = [], epoch, batch_in_epoch
-        while len(upcoming) < total - step and e <= epoch + 1:  # shapes repeat across epochs
+        while plan is not None and len(upcoming) < total - step and e <= epoch + 1:  # shapes repeat across epochs
             upcoming += plan.epoch(e)[b:]
             e, b = e + 1, 0
+        # a stream's batch shapes are known as they come: compiled on first use
         jobs = train_step.jobs((state, None, np.int32(step)), make_batch.shapes, upcoming[:total - step], mesh)
         if evals is not None:
             eval_batches, make_eval = pipeline.eval_batches(evals, config, mesh, task, pad_id)
@@ -590,7 +609,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
             if hasattr(task, "generation_rows"):
                 writer.write_generations(step_no, task.generation_rows(hyps, evals, config))
         m["eval_seconds"] = round(time.time() - t0, 3)
-        writer.write(step_no, {**m, "epoch": round(step_no / plan.num_batches, 4)})
+        writer.write(step_no, {**m, "epoch": epoch_of(step_no)})
         log.info("eval at step %d: %s", step_no, {k: round(v, 4) if isinstance(v, float) else v
                                                   for k, v in m.items()})
         return m
@@ -602,7 +621,29 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
     eval_every, ckpt_every = config.eval_every_steps, config.checkpoint_every_steps
     stop.loading = False  # from here a signal stops the run after the current step, with a checkpoint
 
+    def epoch_of(step_no: int) -> float:
+        """Epochs done (a stream, of unknown length: the epoch of the next batch)."""
+        return round(step_no / plan.num_batches, 4) if plan is not None else position["epoch"]
+
+    def feed(epoch: int, start: int):
+        """(global batch, examples, tokens, end of epoch, position after) of each batch of `epoch` from batch
+        `start`; a stream's go on from the checkpoint's stream position, epoch after epoch."""
+        if streaming:
+            for arrays, n, tokens, end, after in train.batches(meta.get("stream")):
+                yield make_batch(arrays), n, tokens, end, after
+            return
+        batches = plan.epoch(epoch)
+        for bi in range(start, len(batches)):
+            idx = batches[bi]
+            if train.on_demand is not None:  # several processes: this one's rows of the next batches, in one go
+                sharded.prefetch(train.on_demand, batches, bi, make_batch.rows)
+            end = bi + 1 == len(batches)
+            yield make_batch(idx), len(idx), int(train.lengths[idx].sum()), end, \
+                {"epoch": epoch + 1, "batch": 0} if end else {"epoch": epoch, "batch": bi + 1}
+
     def save_checkpoint(metrics: dict | None, **extra) -> None:
+        if streaming:  # where the stream goes on (data/streaming.py)
+            extra = {"stream": position, **extra}
         meta = {"step": step, "epoch": epoch_after, "batch_in_epoch": batch_after, "acc_loss_sum": acc_loss,
                 "acc_count": acc_count, "eval_metrics": last_metrics, "skipped_updates": skipped,
                 "early_stopping": {"metric": config.checkpoint_metric, "mode": config.checkpoint_mode,
@@ -611,21 +652,16 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
         writer.flush()  # gs://: metrics.jsonl written whole beside each checkpoint (locally always current)
 
     while step < total and stopped_early is None:
-        batches = plan.epoch(epoch)
-        for bi in range(batch_in_epoch, len(batches)):
+        for batch, n_examples, n_tokens, end_of_epoch, position in feed(epoch, batch_in_epoch):
             if step >= total:
                 break
-            idx = batches[bi]
-            if train.on_demand is not None:  # several processes: this one's rows of the next batches, in one go
-                sharded.prefetch(train.on_demand, batches, bi, make_batch.rows)
-            state, out = train_step(state, make_batch(idx), np.int32(step))
+            state, out = train_step(state, batch, np.int32(step))
             step += 1
-            ex_log += len(idx)
-            tok_log += int(train.lengths[idx].sum())
+            ex_log += n_examples
+            tok_log += n_tokens
             pending.append((step, out))
             progress.tick(step)
-            end_of_epoch = bi + 1 == len(batches)
-            epoch_after, batch_after = (epoch + 1, 0) if end_of_epoch else (epoch, bi + 1)
+            epoch_after, batch_after = position["epoch"], position["batch"]
             if step % config.log_every_steps == 0 or step == total:
                 loss_sum, count, n_skipped, grad_norm = _drain(pending, ckpts, skip)
                 acc_loss, acc_count, skipped = acc_loss + loss_sum, acc_count + count, skipped + n_skipped
@@ -633,7 +669,7 @@ def _train_and_evaluate(config, workdir: Path, lock: WorkdirLock, stop: _StopSig
                 row = {"loss": acc_loss / max(acc_count, 1.0), "learning_rate": float(lr_fn(step - 1)),
                        "grad_norm": grad_norm, "examples_per_second": ex_log / elapsed,
                        "tokens_per_second": tok_log / elapsed,
-                       "epoch": round(step / plan.num_batches, 4), **({"skipped_updates": skipped} if skip else {})}
+                       "epoch": epoch_of(step), **({"skipped_updates": skipped} if skip else {})}
                 writer.write(step, row)
                 progress.update(step, row)
                 acc_loss, acc_count, pending, ex_log, tok_log, t_log = 0.0, 0.0, [], 0, 0, time.time()

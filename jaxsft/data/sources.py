@@ -41,8 +41,9 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def load_source(spec: str, key: str, *, source_field: str = "source", target_field: str = "target",
-                tfds_data_dir: str | None = None):
-    """Reads one data spec; `key` (e.g. `data.train`) names the config key in every error.
+                tfds_data_dir: str | None = None, streaming: bool = False):
+    """Reads one data spec; `key` (e.g. `data.train`) names the config key in every error. `streaming`: a file or
+    hub spec as a `datasets.IterableDataset` (read as it is iterated; data.streaming, jaxsft.data.streaming).
 
     `a.en,a.de` (a comma, and no file of that whole name) is a pair of line-aligned files: see `load_parallel`.
     `tfds:NAME[:SPLIT]` is a prepared TensorFlow Datasets split under `tfds_data_dir`: see `load_tfds`.
@@ -52,9 +53,13 @@ def load_source(spec: str, key: str, *, source_field: str = "source", target_fie
     datasets.disable_progress_bars()
     if not spec:
         raise UserError(f"{key} is not set")
+    pair = "," in spec and (fs.is_remote(spec) or not Path(spec).expanduser().exists())
+    if streaming and (spec.startswith(TFDS_PREFIX) or pair):
+        raise UserError(f"{key}: {spec}: data.streaming reads data files ({', '.join(FORMATS)}) and hub data sets; "
+                        "tfds: specs and line-aligned text pairs are read whole (set data.streaming=False)")
     if spec.startswith(TFDS_PREFIX):
         return load_tfds(spec, key, tfds_data_dir)
-    if "," in spec and (fs.is_remote(spec) or not Path(spec).expanduser().exists()):
+    if pair:
         return load_parallel(spec, key, source_field, target_field)
     if _looks_like_path(spec):
         path = fs.local_file(spec, key)  # gs://: downloaded once per process
@@ -76,10 +81,13 @@ def load_source(spec: str, key: str, *, source_field: str = "source", target_fie
                 kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
         try:
             with _quiet("datasets"):  # its readers log their own error line; the one below says it all
-                ds = datasets.load_dataset(builder, data_files=str(path.resolve()), split="train", **kwargs)
+                ds = datasets.load_dataset(builder, data_files=str(path.resolve()), split="train",
+                                           streaming=streaming, **kwargs)
         except Exception as e:  # malformed rows, bad JSON, another encoding, only a header, ...
             # datasets' own message hides the cause; a second pass over the file (only now) finds the line.
             raise UserError(f"{key}: {diagnose(path, spec) or f'cannot read {spec}: {_root_cause(e)}'}") from None
+        if streaming:  # rows are read (and bad ones found) as the stream goes
+            return ds
         _check_loaded(ds, builder, path, spec, key)
     else:
         name, _, split = spec.partition(":")
@@ -87,18 +95,28 @@ def load_source(spec: str, key: str, *, source_field: str = "source", target_fie
         # "glue/sst2:train" → load_dataset("glue", "sst2"); "org/name:split" also works as a repo id.
         path_name, config_name = (parts[0], parts[1]) if len(parts) == 2 and parts[0] == "glue" else (name, None)
         try:
-            ds = datasets.load_dataset(path_name, config_name, split=split or "train")
+            ds = datasets.load_dataset(path_name, config_name, split=split or "train", streaming=streaming)
         except Exception as e:
             raise UserError(f"{key}: cannot load data set {spec!r} ({type(e).__name__}: "
                             f"{first_line(e)})") from None
+        if streaming:
+            return ds
     if len(ds) == 0:
         raise UserError(f"{key}: {spec} has no rows")
     return ds
 
 
+def _columns(ds) -> list[str]:
+    """A data set's column names; a stream that does not know them yet (CSV) shows its first row's."""
+    if ds.column_names is not None:
+        return list(ds.column_names)
+    return list(next(iter(ds), {}).keys())
+
+
 def load_mixture(specs: list[str], weights: list[float], stopping: str, seed: int, **fields):
     """data.mixture: each spec read as `load_source` does, then interleaved by datasets.interleave_datasets with
-    the normalised weights (none: in turn), seeded; one line when the sources cannot be mixed."""
+    the normalised weights (none: in turn), seeded; one line when the sources cannot be mixed. `streaming=True`:
+    streams interleaved as they are read (datasets draws them in another order than in-memory mixtures)."""
     import datasets
 
     if stopping not in ("first_exhausted", "all_exhausted"):
@@ -109,10 +127,10 @@ def load_mixture(specs: list[str], weights: list[float], stopping: str, seed: in
         raise UserError(f"config.data.mixture_weights must be >= 0 with a positive sum, got {list(weights)}")
     parts = [load_source(spec, f"data.mixture[{i}] ({spec})", **fields) for i, spec in enumerate(specs)]
     for i, p in enumerate(parts[1:], 1):
-        if sorted(p.column_names) != sorted(parts[0].column_names):
-            raise UserError(f"data.mixture[{i}] ({specs[i]}): columns {sorted(p.column_names)} differ from "
-                            f"data.mixture[0]'s {sorted(parts[0].column_names)}; mix sources of one format")
-        if p.features != parts[0].features:
+        if sorted(_columns(p)) != sorted(_columns(parts[0])):
+            raise UserError(f"data.mixture[{i}] ({specs[i]}): columns {sorted(_columns(p))} differ from "
+                            f"data.mixture[0]'s {sorted(_columns(parts[0]))}; mix sources of one format")
+        if p.features != parts[0].features and None not in (p.features, parts[0].features):
             try:
                 parts[i] = p.cast(parts[0].features)
             except Exception as e:  # noqa: BLE001
