@@ -422,8 +422,10 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 
 # Position tables (config.json): learned or sinusoidal tables of a fixed size (refused past it); rotary positions
 # (past it: a warning, the model extrapolates); T5's relative positions have no limit.
-TABLE_POSITIONS = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "gpt2", "marian")
-ROTARY_POSITIONS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+TABLE_POSITIONS = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "gpt2", "marian",
+                   "bart", "mbart", "albert")  # BART's learned table has 2 rows more than max_position_embeddings
+ROTARY_POSITIONS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral",
+                    "qwen3_moe", "olmoe", "modernbert")
 PADDING_OFFSET = ("roberta", "xlm-roberta", "camembert")  # positions numbered from pad_token_id + 1
 
 

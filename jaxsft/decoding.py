@@ -210,10 +210,12 @@ def seq2seq_settings(generation_config: dict, decode_config, *, fallback_pad: in
     lp = pick(decode_config.length_penalty, "length_penalty", 1.0)
     es = pick(decode_config.early_stopping, "early_stopping", False)
     start = g.get("decoder_start_token_id")
+    start = g.get("bos_token_id") if start is None else start  # transformers' fallback, then jaxsft's (pad)
+    forced_bos = pick(decode_config.get("forced_bos_token_id"), "forced_bos_token_id", None)
     return Seq2SeqDecode(max_length=max_length, num_beams=int(num_beams), length_penalty=float(lp),
                          early_stopping=es, decoder_start_token_id=int(pad if start is None else start),
                          eos_token_ids=eos, pad_token_id=pad,
-                         forced_bos_token_id=g.get("forced_bos_token_id"),
+                         forced_bos_token_id=None if forced_bos is None else int(forced_bos),
                          forced_eos_token_id=ids(g.get("forced_eos_token_id")) or None, bad_token_ids=tuple(bad),
                          min_length=int(g.get("min_length") or 0))
 

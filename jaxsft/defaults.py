@@ -70,6 +70,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_target_length = config_dict.placeholder(int)  # None: max_length
     c.data.source_lang = "English"  # translate_llm prompt template
     c.data.target_lang = "German"  # translate_llm prompt template
+    # seq2seq, multilingual tokenizers (NLLB-200, M2M100, mBART-50): the language codes set as the tokenizer's
+    # src_lang / tgt_lang (NLLB: eng_Latn, deu_Latn; M2M100: en, de; mBART-50: en_XX, de_DE); the sources and
+    # targets then carry those language tokens, and where the target code leads the targets (NLLB, M2M100,
+    # mBART-50) generation forces it as the first token (transformers' forced_bos_token_id); None: the tokenizer's
+    c.data.src_lang = config_dict.placeholder(str)
+    c.data.tgt_lang = config_dict.placeholder(str)  # the target language code (see data.src_lang)
 
     c.max_length = 128  # tokens per row (longer examples are cut); at least 8
     c.batch_size = 32  # global, over all devices and accumulation steps
@@ -127,6 +133,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.decode.max_new_tokens = config_dict.placeholder(int)  # the longest output
     c.decode.length_penalty = config_dict.placeholder(float)  # beam scores divided by length ** this
     c.decode.early_stopping = config_dict.placeholder(bool)  # beam search stops when num_beams outputs are done
+    # the token forced right after the decoder start (transformers' forced_bos_token_id); None: data.tgt_lang's
+    # code where the tokenizer leads targets with it, else the checkpoint's
+    c.decode.forced_bos_token_id = config_dict.placeholder(int)
     # compute dtype of decoding (generate, evaluate --predictions, generation at eval): float32 decodes as
     # transformers does on the exported float32 weights (greedy output token-identical, whatever `dtype` trained);
     # bfloat16 is faster on accelerators but near-tied logits may pick another token
@@ -148,7 +157,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.seed = 42  # data order, hold-out split, fresh weights, dropout (>= 0)
     c.dtype = "float32"  # compute dtype; master weights stay float32
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # devices per axis; -1: the rest
+    # devices per axis; -1: the rest; expert: splits the experts of MoE models (moe.py)
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "expert": 1})
     return c
 
 
@@ -189,6 +199,7 @@ RANGES: dict[str, tuple[str, str]] = {
     "early_stopping_patience": ("[0, inf)", "0: off"),
     "early_stopping_threshold": ("[0, inf)", "0: any improvement counts"),
     "decode.num_beams": ("[1, inf)", "1: greedy"),
+    "decode.forced_bos_token_id": ("[0, inf)", "a token id"),
     "decode.max_new_tokens": ("[1, inf)", ""),
     "decode.eval_samples": ("[-1, inf)", "-1: all; 0: off"),
     "lora.rank": ("[0, inf)", "0: off"),

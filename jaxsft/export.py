@@ -70,13 +70,34 @@ def main(argv: list[str]) -> int:
     write_weights(params, out, dtype, args.max_shard_size)  # every process fetches, process 0 writes
     if writer:
         hf_config.save_pretrained(out)
+        if config.task == "seq2seq":  # transformers' generate then decodes as jaxsft's (start, forced BOS)
+            from jaxsft.tasks import seq2seq
+
+            seq2seq.set_languages(tokenizer, config)
         tokenizer.save_pretrained(out)
         gen = pipeline.workdir_hf(args.workdir) / "generation_config.json"
         if gen.is_file():
             shutil.copy(gen, out / "generation_config.json")
+        if config.task == "seq2seq":
+            write_generation_overrides(out, hf_config, seq2seq.generation_overrides(tokenizer, config))
     cli.all_done("export")
     log.info("exported step %d of %s to %s (%s)", step, args.workdir, out, hf_config.architectures[0])
     return 0
+
+
+def write_generation_overrides(out: Path, hf_config, overrides: dict) -> None:
+    """The exported generation_config.json with the run's generation settings (tasks/seq2seq.py) set in it."""
+    from transformers import GenerationConfig
+
+    if not overrides:
+        return
+    has_file = (out / "generation_config.json").is_file()
+    gen = GenerationConfig.from_pretrained(out) if has_file else GenerationConfig.from_model_config(hf_config)
+    if all(getattr(gen, k, None) == v for k, v in overrides.items()):
+        return
+    for key, value in overrides.items():
+        setattr(gen, key, value)
+    gen.save_pretrained(out)
 
 
 def check_output(out: Path) -> None:

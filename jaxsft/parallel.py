@@ -1,4 +1,4 @@
-"""The device mesh (data, fsdp, tensor), partition rules → shardings, multi-host start-up, and host ↔ global arrays.
+"""The device mesh (data, fsdp, tensor, expert), partition rules → shardings, multi-host start-up, host ↔ global arrays.
 
 Sharding by rules: each model family keeps a `PARTITION_RULES` table of (regex over the flat parameter name,
 PartitionSpec over the mesh axes); the first pattern found in a name wins, unmatched parameters are replicated.
@@ -26,7 +26,7 @@ from jaxsft.errors import UserError
 
 log = logging.getLogger("jaxsft")
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "tensor", "expert")  # expert: splits MoE experts (moe.py); tokens stay whole over it
 BATCH_AXES = ("data", "fsdp")
 Rules = Sequence[tuple[str, P]]
 

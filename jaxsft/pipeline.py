@@ -311,9 +311,11 @@ def seq2seq_generator(functional, config, folder: Path, hf_config, tokenizer):
     """(jitted generate fn, settings) for an encoder-decoder model: generation_config + config.decode overrides."""
     from jaxsft import decoding
     from jaxsft.models import compute_dtype
+    from jaxsft.tasks import seq2seq
 
-    settings = decoding.seq2seq_settings(generation_config(folder, hf_config), config.decode,
-                                         fallback_pad=tokenizer.pad_token_id, fallback_eos=tokenizer.eos_token_id)
+    gen = {**generation_config(folder, hf_config), **seq2seq.generation_overrides(tokenizer, config)}
+    settings = decoding.seq2seq_settings(gen, config.decode, fallback_pad=tokenizer.pad_token_id,
+                                         fallback_eos=tokenizer.eos_token_id)
     fn = decoding.make_seq2seq_generate_fn(decoding_functional(functional, hf_config, config), settings,
                                            compute_dtype(decode_dtype(config)))
     return fn, settings

@@ -90,7 +90,7 @@ def test_bert_classification_and_t5_seq2seq_compile(folders, libtpu):
         r = aot.compile_step(config, topo, b, t, u)
         assert r.fits and r.state_bytes > 0 and r.code_bytes > 0 and r.total_bytes > r.state_bytes
         assert r.flops > 0 and r.estimated_seconds > 0 and r.tokens_per_second > 0 and 0 < r.mfu < 1
-    assert r.tokens_per_step == 8 * (32 + 16) and r.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert r.tokens_per_step == 8 * (32 + 16) and r.mesh == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
     assert r.collectives.get("all-gather", {}).get("bytes", 0) > 0  # FSDP gathers the weights
 
 

@@ -66,10 +66,10 @@ def test_embed_module_matches_nnx_embed_and_keeps_attend():
     np.testing.assert_array_equal(np.asarray(mine.attend(q), np.float32), np.asarray(ref.attend(q), np.float32))
 
 
-def test_no_half_precision_scatter_in_the_gradient():
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_no_half_precision_scatter_in_the_gradient(platform):
     table = jnp.ones((5000, 8), jnp.float32)  # above ONE_HOT_GRAD_ROWS: the segment-sum path on GPU too
     ids = jnp.zeros((2, 3), jnp.int32)
-    for platform in ("cpu", "gpu"):
-        text = str(jax.make_jaxpr(lambda t: _grad(t, ids, "bfloat16", platform))(table))
-        scatters = [line for line in text.splitlines() if "scatter" in line]
-        assert scatters and not any("bf16[" in line.split("=")[0] for line in scatters), scatters
+    text = str(jax.make_jaxpr(lambda t: _grad(t, ids, "bfloat16", platform))(table))
+    scatters = [line for line in text.splitlines() if "scatter" in line]
+    assert scatters and not any("bf16[" in line.split("=")[0] for line in scatters), scatters

@@ -41,14 +41,30 @@ def decoder(cls, **kw):
     return cls(**{**base, **kw})
 
 
+def bart_like(cls, **kw):
+    return cls(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+               encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=256, dropout=0.0,
+               attention_dropout=0.0, encoder_layerdrop=0.0, decoder_layerdrop=0.0, **DIMS, **kw)
+
+
 FAMILIES = {  # name: (HF config, task, attention layers of (train/eval, encoder side of decode))
     "bert": (lambda: encoder(tf.BertConfig), "classification"),
     "roberta": (lambda: encoder(tf.RobertaConfig, pad_token_id=1), "classification"),
     "xlm-roberta": (lambda: encoder(tf.XLMRobertaConfig, pad_token_id=1), "classification"),
     "electra": (lambda: encoder(tf.ElectraConfig, embedding_size=32), "classification"),
+    "albert": (lambda: encoder(tf.AlbertConfig, embedding_size=32), "classification"),  # one layer, applied twice
     "distilbert": (lambda: tf.DistilBertConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=4, dropout=0.0,
                                                attention_dropout=0.0, max_position_embeddings=256, **DIMS),
                    "classification"),
+    # DeBERTa-v3: the c2p + p2c relative terms reach the kernel as a (B, H, T, T) bias (its gradient: cuDNN's dbias)
+    "deberta-v2": (lambda: encoder(tf.DebertaV2Config, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                   position_buckets=32, share_att_key=True, norm_rel_ebd="layer_norm",
+                                   position_biased_input=False, type_vocab_size=0), "classification"),
+    "modernbert": (lambda: tf.ModernBertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=4, max_position_embeddings=256, local_attention=16,
+                                               global_attn_every_n_layers=2, pad_token_id=0, bos_token_id=1,
+                                               eos_token_id=2, cls_token_id=1, sep_token_id=2, **DIMS),
+                   "classification"),  # layer 0 global, layer 1 sliding-window (a (B, 1, T, T) mask for cuDNN)
     "llama": (lambda: decoder(tf.LlamaConfig), "causal_lm"),
     "mistral": (lambda: decoder(tf.MistralConfig, sliding_window=16), "causal_lm"),
     "qwen2": (lambda: decoder(tf.Qwen2Config), "causal_lm"),
@@ -58,6 +74,16 @@ FAMILIES = {  # name: (HF config, task, attention layers of (train/eval, encoder
     "gemma2": (lambda: decoder(tf.Gemma2Config, head_dim=16, query_pre_attn_scalar=16, sliding_window=4096,
                                attn_logit_softcapping=None), "causal_lm"),
     "gemma3_text": (lambda: decoder(tf.Gemma3TextConfig, head_dim=16, sliding_window=4096), "causal_lm"),
+    # Phi-4-mini-like: fused qkv / gate_up, partial rotary 0.75, longrope (original 32 < the 64-token rows), tied head
+    "phi3": (lambda: decoder(tf.Phi3Config, partial_rotary_factor=0.75, original_max_position_embeddings=32,
+                             tie_word_embeddings=True, rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 6,
+                                                                    "long_factor": [4.0] * 6}), "causal_lm"),
+    # MoE (4 experts, top 2; grouped dispatch by jax.lax.ragged_dot); OLMoE with the load-balancing loss in training
+    "mixtral": (lambda: decoder(tf.MixtralConfig, num_local_experts=4, num_experts_per_tok=2), "causal_lm"),
+    "qwen3_moe": (lambda: decoder(tf.Qwen3MoeConfig, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                  moe_intermediate_size=32, norm_topk_prob=True), "causal_lm"),
+    "olmoe": (lambda: decoder(tf.OlmoeConfig, num_experts=4, num_experts_per_tok=2, output_router_logits=True),
+              "causal_lm"),
     "gpt2": (lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, attn_pdrop=0.0, resid_pdrop=0.0,
                                    embd_pdrop=0.0, **DIMS), "causal_lm"),
     "t5": (lambda: tf.T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, dropout_rate=0.0,
@@ -68,6 +94,9 @@ FAMILIES = {  # name: (HF config, task, attention layers of (train/eval, encoder
                                        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
                                        max_position_embeddings=256, decoder_start_token_id=127, pad_token_id=127,
                                        dropout=0.0, **DIMS), "seq2seq"),
+    "bart": (lambda: bart_like(tf.BartConfig), "seq2seq"),
+    "mbart": (lambda: bart_like(tf.MBartConfig), "seq2seq"),
+    "m2m_100": (lambda: bart_like(tf.M2M100Config), "seq2seq"),
 }
 LAYERS = 2
 BATCH, LENGTH, TARGET = 8, 64, 32

@@ -128,7 +128,7 @@ def test_optimizer_state_takes_the_shardings_of_its_params():
     config = ConfigDict(dict(learning_rate=1e-3, warmup_steps=0, warmup_ratio=0.0, max_grad_norm=1.0,
                              adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.01))
     tx, _ = optim.make_optimizer(config, 10)
-    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), parallel.AXES)
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape((1,) * len(parallel.AXES)), parallel.AXES)
     state = {"params": params, "opt_state": jax.eval_shape(tx.init, params)}
     sh = parallel.state_shardings(state, decoder.PARTITION_RULES, mesh)
     by_path = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(sh["opt_state"])}

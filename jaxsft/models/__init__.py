@@ -60,6 +60,8 @@ class Functional:
         self.trainable = None  # LoRA: predicate over param paths that train (None: all)
         self.lora_scales = {".".join(map(str, p)): m.lora_scale for p, m in nnx.iter_modules(model)
                             if hasattr(m, "lora_scale")}
+        # MoE families (moe.py): the weight of transformers' router load-balancing loss in training (0: none)
+        self.router_aux_loss_coef = float(getattr(model, "router_aux_loss_coef", 0.0) or 0.0)
 
     def apply(self, params: dict, *args, **kwargs):
         from jaxsft.models import lora
@@ -83,8 +85,21 @@ def stacked_parts(path: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
+# Stacked experts (moe.py): one parameter holds every expert's weight on a leading axis; its path has no index after
+# `experts` (`model.layers.0.mlp.experts.gate_proj.kernel`), the per-expert HF names do (`….experts.5.gate_proj.…`).
+# Only the HF weight map unstacks them (for sharding and weight decay they are an ordinary 3-D parameter).
+_EXPERTS = re.compile(r"^(.*\.experts)\.(?!\d+(?:\.|$))(.+)$")
+
+
+def hf_stack_parts(path: str) -> tuple[str, str] | None:
+    """(prefix, rest) of a parameter that holds one HF tensor per index of its leading axis (scanned layers,
+    stacked experts); None for any other path."""
+    m = _STACKED.match(path) or _EXPERTS.match(path)
+    return (m.group(1), m.group(2)) if m else None
+
+
 def unstack_path(path: str, index: int) -> str:
-    prefix, rest = stacked_parts(path)
+    prefix, rest = hf_stack_parts(path)
     return f"{prefix}.{index}.{rest}"
 
 
@@ -152,7 +167,7 @@ def _match(shapes: dict[str, tuple], ckpt_shapes: dict[str, tuple], family, mode
 
     for path, shape in shapes.items():
         shape = tuple(shape)
-        if stacked_parts(path) is None:
+        if hf_stack_parts(path) is None:
             found = [one(path, shape)]
         else:  # a scanned layer stack: one HF weight per layer index, stacked on axis 0
             found = [one(unstack_path(path, i), shape[1:]) for i in range(shape[0])]
@@ -186,7 +201,7 @@ def load_weights(model: nnx.Module, weights: dict[str, np.ndarray], source: str)
                           family, type(model).__name__, source)
     for path, (names, transpose) in plan.items():
         full = (slice(None),) * params[path].ndim
-        arr = _assemble(names, transpose, stacked_parts(path) is not None,
+        arr = _assemble(names, transpose, hf_stack_parts(path) is not None,
                         lambda name, idx: np.asarray(ckpt[name])[idx], full)
         params[path] = jnp.asarray(arr, dtype=params[path].dtype)
     return params, report
@@ -217,7 +232,7 @@ def load_sharded(build, reader, source: str, mesh, rules=None) -> tuple[nnx.Modu
     params = {}
     for path, (names, transpose) in plan.items():
         dtype = np.dtype(shapes[path].dtype)
-        reader_of = _slice_reader(names, transpose, stacked_parts(path) is not None, read, dtype)
+        reader_of = _slice_reader(names, transpose, hf_stack_parts(path) is not None, read, dtype)
         params[path] = jax.make_array_from_callback(tuple(shapes[path].shape), shardings[path], reader_of, dtype=dtype)
     missing = [k for k in shapes if k not in plan]
     if missing:
@@ -281,7 +296,7 @@ def hf_layout(params: dict) -> dict[str, tuple[str, int | None, bool]]:
     tensor, in the params' order."""
     out = {}
     for path, value in params.items():
-        layers = [None] if stacked_parts(path) is None else range(value.shape[0])
+        layers = [None] if hf_stack_parts(path) is None else range(value.shape[0])
         for i in layers:
             name, transpose = hf_name(path if i is None else unstack_path(path, i))
             out[name] = (path, i, transpose)

@@ -120,8 +120,10 @@ class BertEncoder(nnx.Module):
     stacked after construction so the random init equals the unscanned one) run under `jax.lax.scan`, so the
     layer body is compiled once."""
 
+    layer_class = BertLayer  # a family's own layer: same constructor, called as layer(x, mask, rng) (deberta.py)
+
     def __init__(self, cfg, dtype, rngs: nnx.Rngs, *, remat: str = "none", scan_layers: bool = False):
-        layers = [BertLayer(cfg, dtype, rngs) for _ in range(cfg.num_hidden_layers)]
+        layers = [self.layer_class(cfg, dtype, rngs) for _ in range(cfg.num_hidden_layers)]
         self.remat, self.scan_layers = remat, bool(scan_layers)
         remat_policy(remat)  # checks the name
         if self.scan_layers:

@@ -61,7 +61,7 @@ def attention_biases(cfg) -> tuple[bool, bool]:
 def layer_windows(cfg) -> list[int | None]:
     """Sliding-window size per layer (None: full causal attention)."""
     n, window = cfg.num_hidden_layers, getattr(cfg, "sliding_window", None)
-    if cfg.model_type == "mistral":
+    if cfg.model_type in ("mistral", "phi3", "mixtral", "qwen3_moe"):  # one window for every layer when set
         return [window] * n
     types = getattr(cfg, "layer_types", None)
     if cfg.model_type in ("qwen2", "qwen3") and types:
@@ -83,11 +83,17 @@ class DecoderAttention(nnx.Module):
         self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps) if per_head_norm else None
         self.rate = getattr(cfg, "attention_dropout", 0.0)
 
-    def __call__(self, x, rope, mask, rng, cache=None, layer=0, cache_index=None):
+    def project(self, x):
+        """(q, k, v) of x, each (batch, T, heads or kv_heads, head_dim); phi3.py's fused qkv_proj overrides it."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def __call__(self, x, rope, mask, rng, cache=None, layer=0, cache_index=None):
+        b, t, _ = x.shape
+        q, k, v = self.project(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, rope), apply_rotary(k, rope)
@@ -143,12 +149,14 @@ class DecoderModel(nnx.Module):
     per index (models.stacked_parts). Scanning needs the same attention window in every layer.
     """
 
+    layer_class = DecoderLayer  # a family's own layer (same constructor and call signature; phi3.py)
+
     def __init__(self, cfg, dtype, rngs: nnx.Rngs, *, remat: str = "none", scan_layers: bool = False,
                  neftune_noise_alpha: float = 0.0):
         self.neftune_noise_alpha = float(neftune_noise_alpha or 0.0)
         self.embed_tokens = embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs, std=cfg.initializer_range)
         windows = layer_windows(cfg)
-        layers = [DecoderLayer(cfg, w, dtype, rngs) for w in windows]
+        layers = [self.layer_class(cfg, w, dtype, rngs) for w in windows]
         self.remat, self.scan_layers = remat, bool(scan_layers)
         remat_policy(remat)  # checks the name
         if self.scan_layers:
@@ -163,14 +171,22 @@ class DecoderModel(nnx.Module):
         else:
             self.layers = nnx.List(layers)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.inv_freq = rotary_inv_freq(rope_parameters(cfg), head_dim(cfg))
+        self.inv_freq = self.rotary_frequencies(cfg)
+
+    def rotary_frequencies(self, cfg):
+        """What `rotary` reads (static): the RoPE inverse frequencies; a family with another RoPE overrides both."""
+        return rotary_inv_freq(rope_parameters(cfg), head_dim(cfg))
+
+    def rotary(self, positions):
+        """The (cos, sin) tables of `positions` for apply_rotary."""
+        return rotary_tables(positions, self.inv_freq)
 
     def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, rng=None, cache=None,
                  cache_index=None):
         """Final hidden states (batch, T, hidden) and the updated cache (None without one)."""
         positions, mask_for = decoder_context(input_ids, attention_mask, positions, segment_ids, cache_index,
                                               cache is not None)
-        rope = rotary_tables(positions, self.inv_freq)
+        rope = self.rotary(positions)
         x, new_cache = split_batch(neftune(self.embed_tokens(input_ids), self.neftune_noise_alpha, rng)), {}
         packed = segment_ids is not None and cache is None and use_packed_attention()
 

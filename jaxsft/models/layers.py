@@ -84,8 +84,8 @@ _lookup.defvjp(_lookup_fwd, _lookup_bwd)
 class LayerNorm(nnx.LayerNorm):
     """LayerNorm computed in float32 whatever the activations' dtype; returns the input dtype."""
 
-    def __init__(self, features: int, *, eps: float, rngs: nnx.Rngs):
-        super().__init__(features, epsilon=eps, dtype=F32, param_dtype=F32, rngs=rngs)
+    def __init__(self, features: int, *, eps: float, rngs: nnx.Rngs, use_bias: bool = True):
+        super().__init__(features, epsilon=eps, use_bias=use_bias, dtype=F32, param_dtype=F32, rngs=rngs)
 
     def __call__(self, x):
         return super().__call__(x.astype(F32)).astype(x.dtype)
@@ -542,10 +542,15 @@ def rotary_tables(positions, inv_freq: tuple[float, ...]):
 
 
 def apply_rotary(x, rope):
-    """Rotates (batch, T, heads, head_dim) with `rotary_tables` output, halves layout (HF's rotate_half), in fp32."""
+    """Rotates (batch, T, heads, head_dim) with `rotary_tables` output, halves layout (HF's rotate_half), in fp32.
+    Tables narrower than head_dim / 2 (partial_rotary_factor < 1) rotate the first 2 * width dims, pass the rest."""
     cos, sin = rope
-    x1, x2 = jnp.split(x.astype(F32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    rotated = 2 * cos.shape[-1]
+    x1, x2 = jnp.split(x[..., :rotated].astype(F32), 2, axis=-1)
+    out = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    if rotated < x.shape[-1]:
+        out.append(x[..., rotated:].astype(F32))
+    return jnp.concatenate(out, axis=-1).astype(x.dtype)
 
 
 # ---- decoder masks, positions, KV cache --------------------------------------------------------------------------

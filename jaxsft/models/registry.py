@@ -5,9 +5,26 @@ from __future__ import annotations
 from types import ModuleType
 
 from jaxsft.errors import UserError
-from jaxsft.models import bert, decoder, distilbert, electra, gemma, gpt2, marian, t5
+from jaxsft.models import (
+    albert,
+    bart,
+    bert,
+    deberta,
+    decoder,
+    distilbert,
+    electra,
+    gemma,
+    gpt2,
+    marian,
+    modernbert,
+    moe,
+    phi3,
+    t5,
+)
 
-FAMILIES: dict[str, ModuleType] = {t: family for family in (bert, electra, distilbert, decoder, gemma, gpt2, t5, marian)
+FAMILIES: dict[str, ModuleType] = {t: family for family in (bert, electra, distilbert, albert, deberta, modernbert,
+                                                             decoder, gemma, gpt2, phi3, moe, t5, marian,
+                                                             bart)
                                   for t in family.MODEL_TYPES}
 TASK_BUILDERS = {"classification": "sequence_classification", "causal_lm": "causal_lm", "seq2seq": "seq2seq_lm"}
 

@@ -562,14 +562,27 @@ def chunked_loss(hidden, kernel, targets, mask, chunk: int, label_smoothing: flo
 
 
 def train_sums(functional, params, batch, rng, config):
-    """The training loss sums; with config.chunked_loss_size > 0 the logits are computed chunk by chunk."""
+    """The training loss sums; with config.chunked_loss_size > 0 the logits are computed chunk by chunk. An MoE model
+    whose HF config asks for the router load-balancing loss (models/moe.py) adds coef x that loss to the mean, as
+    transformers' *ForCausalLM does with labels."""
     chunk = int(config.get("chunked_loss_size", 0) or 0)
     kernel = functional.method(params, "head_kernel") if chunk > 0 else None
-    if kernel is None:  # unchunked (or a LoRA-adapted head: the plain path)
+    coef = getattr(functional, "router_aux_loss_coef", 0.0)
+    if kernel is None and not coef:  # unchunked (or a LoRA-adapted head: the plain path)
         return loss(forward(functional.apply, params, batch, rng), batch, config)
-    hidden = functional.apply(params, batch["input_ids"], batch["attention_mask"], positions=batch["positions"],
-                              segment_ids=batch["segment_ids"], rng=rng, hidden_only=True)
-    return chunked_loss(hidden, kernel, batch["targets"], batch["loss_mask"], chunk, config.label_smoothing)
+    extra = {"router_aux_loss": True} if coef else {}
+    if kernel is not None:
+        extra["hidden_only"] = True
+    out = functional.apply(params, batch["input_ids"], batch["attention_mask"], positions=batch["positions"],
+                           segment_ids=batch["segment_ids"], rng=rng, **extra)
+    out, aux = out if coef else (out, None)
+    if kernel is None:
+        total, count = loss(out, batch, config)
+    else:
+        total, count = chunked_loss(out, kernel, batch["targets"], batch["loss_mask"], chunk, config.label_smoothing)
+    if coef:  # the loop divides by the count (no gradient through it): coef x aux x count adds coef x aux to the mean
+        total = total + coef * aux * jax.lax.stop_gradient(jnp.maximum(count, 1.0))
+    return total, count
 
 
 def eval_outputs(logits, batch):

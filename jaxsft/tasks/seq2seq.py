@@ -25,6 +25,7 @@ import numpy as np
 from jaxsft.data import sharded
 from jaxsft.data.batching import bucket_for, default_buckets, local_part, pad_rows
 from jaxsft.data.sources import require_columns
+from jaxsft.errors import UserError
 from jaxsft.tasks.losses import token_nll
 
 log = logging.getLogger("jaxsft")
@@ -76,11 +77,61 @@ def _texts(values) -> list[str]:
     return ["" if v is None else str(v) for v in values]
 
 
+def language_id(tokenizer, code: str) -> int | None:
+    """The token id of a language code of a multilingual tokenizer (M2M100's `en` is the token `__en__`); None
+    when the tokenizer does not know it."""
+    if hasattr(tokenizer, "get_lang_id"):
+        try:
+            return int(tokenizer.get_lang_id(code))
+        except (KeyError, ValueError):
+            return None
+    found = tokenizer.convert_tokens_to_ids(code)
+    return None if found is None or found == tokenizer.unk_token_id else int(found)
+
+
+def set_languages(tokenizer, config) -> None:
+    """data.src_lang / data.tgt_lang become the tokenizer's src_lang / tgt_lang (its language-code tokens on
+    sources and on targets); unset keys leave the tokenizer's own."""
+    for key in ("src_lang", "tgt_lang"):
+        code = config.data.get(key)  # .get: workdirs from before the keys
+        if code is None:
+            continue
+        if not hasattr(tokenizer, key):
+            raise UserError(f"config.data.{key}={code!r}: the tokenizer ({type(tokenizer).__name__}) has no "
+                            "language codes (NLLB, M2M100 and mBART tokenizers have)")
+        if language_id(tokenizer, code) is None:
+            raise UserError(f"config.data.{key}={code!r} is not a language code of the tokenizer "
+                            f"({type(tokenizer).__name__}; e.g. NLLB: eng_Latn, M2M100: en, mBART-50: en_XX)")
+        setattr(tokenizer, key, code)
+
+
+def generation_overrides(tokenizer, config) -> dict:
+    """What the run's settings change in the checkpoint's generation config: the decoder start token it trained
+    with (config.model.decoder_start_token_id) and the forced BOS (decode.forced_bos_token_id, else data.tgt_lang's
+    code where the tokenizer leads targets with it, as NLLB's, M2M100's and mBART-50's do and transformers'
+    translation pipeline forces; mBART's own targets end with their code, which is the decoder start instead)."""
+    set_languages(tokenizer, config)  # the sources generation reads carry data.src_lang's code
+    out = {}
+    start = config.model.get("decoder_start_token_id")
+    if start is not None:
+        out["decoder_start_token_id"] = int(start)
+    forced = config.decode.get("forced_bos_token_id")
+    code = config.data.get("tgt_lang")
+    if forced is None and code is not None:
+        lang = language_id(tokenizer, code)
+        if list(tokenizer(text_target="")["input_ids"][:1]) == [lang]:
+            forced = lang
+    if forced is not None:
+        out["forced_bos_token_id"] = int(forced)
+    return out
+
+
 def featurize(ds, tokenizer, config, key: str, spec: str, *, need_labels: bool = True, first_row: int = 0,
               report: bool = True) -> Features:
     """Tokenizes one split: prefixed sources for the encoder, targets (with EOS) for the decoder. `first_row`: the
     data set row `ds` starts at (a slice of it); `report`: log the counts (not for a slice)."""
     d = config.data
+    set_languages(tokenizer, config)
     require_columns(ds, [d.source_field], key, spec, "data.source_field")
     has_targets = d.target_field in ds.column_names
     if need_labels and not has_targets:
