@@ -233,7 +233,7 @@ def _sharded(workdir: Path, config) -> bool:
     for mesh in MESHES:
         restored[mesh], _ = pipeline.restore_params(workdir, config, template, parallel.make_mesh(
             dict(zip(parallel.AXES, mesh))), "latest", functional.trainable)
-    own = restored[tuple(config.mesh[a] for a in parallel.AXES)]
+    own = restored[tuple(config.mesh[a] for a in ("data", "fsdp", "tensor"))]  # MESHES' axes (expert: 1)
     for params in restored.values():
         assert all(np.array_equal(np.asarray(params[k]), np.asarray(v)) for k, v in own.items())
     return any(not v.sharding.is_fully_replicated for v in own.values())

@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 import test_models_decoder as dec
 from conftest import ROOT, alpaca_rows, llm_tokenizer, write_jsonl
+from decoder_checks import check_export_and_generate_cli_equal_transformers as check_generate_cli
+from decoder_checks import check_neftune_matches_transformers_hook as check_neftune
 from test_generation import PROMPTS, hf_greedy, load_jax
 from test_models_decoder import SMALL, hf_model, padded_batch, positions_of
 from test_sft import cli, last_json
 
 from jaxsft import decoding
 from jaxsft.errors import UserError
-from jaxsft.models import Functional, build_model, layers, load_weights
+from jaxsft.models import Functional, build_model, load_weights
 
 torch = pytest.importorskip("torch")
 import transformers as tf  # noqa: E402
@@ -126,28 +128,7 @@ def test_embedding_scale_is_rounded_to_the_compute_dtype_as_transformers_does():
 def test_neftune_noise_is_added_where_transformers_hooks_it(monkeypatch):
     """transformers' neftune_post_forward_hook sits on get_input_embeddings(): Gemma's scaled embedding module, so
     the noise comes after the sqrt(d) scaling; ours equals that forward (and not the unscaled placement)."""
-    from transformers.integrations.neftune import neftune_post_forward_hook
-
-    alpha = 5.0
-    cfg = VARIANTS["gemma2"]()
-    theirs = hf_model(cfg)
-    ours = build_model(cfg, "causal_lm", jnp.float32, 0, {"neftune_noise_alpha": alpha})
-    params, _ = load_weights(ours, {k: v.numpy() for k, v in theirs.state_dict().items()}, "test")
-    apply = Functional(ours).apply
-    ids, mask = padded_batch("right", lengths=(12, 9, 5), seed=3)
-    key = jax.random.key(3)
-    train = np.asarray(apply(params, ids, mask, rng=key))
-    noise = np.asarray(layers.neftune(jnp.zeros(ids.shape + (cfg.hidden_size,), jnp.float32), alpha, key))
-    emb = theirs.get_input_embeddings()
-    emb.neftune_noise_alpha = alpha
-    emb.register_forward_hook(neftune_post_forward_hook)
-    monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, a, b: self.copy_(torch.from_numpy(noise.copy())))
-    theirs.train()
-    with torch.no_grad():
-        ref = theirs(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
-    real = mask == 1
-    np.testing.assert_allclose(train[real], ref[real], atol=1e-4, rtol=0)
-    assert np.abs(train - np.asarray(apply(params, ids, mask)))[real].max() > 1e-3  # the noise matters
+    check_neftune(VARIANTS["gemma2"](), monkeypatch)
 
 
 def test_scanned_layers_equal_unscanned_and_mixed_layers_refuse_them():
@@ -316,19 +297,4 @@ def test_sft_gemma_config_trains_generates_and_exports(kind, tmp_path):
     events = [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
     train = [e["loss"] for e in events if "loss" in e]
     assert final["step"] == 30 and all(np.isfinite(train)) and train[-1] < 0.5 * train[0]
-    cli("export", "--workdir", w, "--output", hf)
-    assert json.loads((hf / "config.json").read_text())["architectures"] == [
-        {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}[kind]]
-    prompts = [r["instruction"] for r in alpaca_rows(6, seed=5)]
-    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
-    gen = cli("generate", "--workdir", w, "--prompts", tmp_path / "p.txt", "--max_new_tokens", "10")
-    ours = [json.loads(line)["completion"] for line in gen.stdout.splitlines() if line.startswith("{")]
-    tok = tf.AutoTokenizer.from_pretrained(hf)
-    ref_model, info = tf.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert len(ours) == len(prompts)
-    for p, o in zip(prompts, ours):
-        enc = tok([p], return_tensors="pt", return_token_type_ids=False)
-        with torch.no_grad():
-            ref = ref_model.eval().generate(**enc, max_new_tokens=10, do_sample=False)
-        assert tok.decode(ref[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() == o.strip()
+    check_generate_cli(w, hf, tmp_path, {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}[kind], 6, 10)

@@ -25,6 +25,7 @@ torch = pytest.importorskip("torch")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import transformers as tf  # noqa: E402
+from decoder_checks import check_export_and_generate_cli_equal_transformers as check_generate_cli  # noqa: E402
 from test_generation import PROMPTS, hf_greedy, load_jax, until_eos  # noqa: E402
 from test_models_decoder import SMALL, VOCAB, hf_logits, hf_model, padded_batch, positions_of  # noqa: E402
 from test_sft import cli, last_json  # noqa: E402
@@ -387,22 +388,7 @@ def test_sft_moe_config_trains_evaluates_and_exports(kind, tmp_path):
     assert final["step"] == 30 and all(np.isfinite(train)) and train[-1] < 0.5 * train[0]
     evaluated = last_json(cli("evaluate", "--workdir", w).stdout)
     assert abs(evaluated["eval_loss"] - final["eval_loss"]) < 1e-4
-    cli("export", "--workdir", w, "--output", hf)
-    assert json.loads((hf / "config.json").read_text())["architectures"] == [
-        {"qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}[kind]]
-    prompts = [r["instruction"] for r in alpaca_rows(4, seed=5)]
-    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
-    gen = cli("generate", "--workdir", w, "--prompts", tmp_path / "p.txt", "--max_new_tokens", "8")
-    ours = [json.loads(line)["completion"] for line in gen.stdout.splitlines() if line.startswith("{")]
-    tok = tf.AutoTokenizer.from_pretrained(hf)
-    ref_model, info = tf.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert len(ours) == len(prompts)
-    for p, o in zip(prompts, ours):
-        enc = tok([p], return_tensors="pt", return_token_type_ids=False)
-        with torch.no_grad():
-            ref = ref_model.eval().generate(**enc, max_new_tokens=8, do_sample=False)
-        assert tok.decode(ref[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() == o.strip()
+    check_generate_cli(w, hf, tmp_path, {"qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}[kind], 4, 8)
 
 
 if __name__ == "__main__":
