@@ -4,14 +4,12 @@ one family end to end through the CLIs (run → evaluate → export → transfor
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import minilm_path, synthetic_rows, write_tsv
+from conftest import minilm_path
 from flax import nnx
 
 from jaxsft import hf_io
@@ -244,32 +242,6 @@ def make_tiny_encoder(out, kind: str, num_labels: int = 2):
 @pytest.mark.slow  # three CLI runs + an export: ~60 s idle
 @pytest.mark.parametrize("kind", ["electra", "distilbert"])
 def test_cli_trains_evaluates_and_exports_with_transformers_predictions(kind, tmp_path):
-    from test_train import run_cli
+    from encoder_checks import check_cli_round_trip
 
-    folder = make_tiny_encoder(tmp_path / "ckpt", kind)
-    rows = synthetic_rows(56, seed=2)
-    train, evals = write_tsv(tmp_path / "tr.tsv", rows[:40]), write_tsv(tmp_path / "ev.tsv", rows[40:])
-    w = tmp_path / "w"
-    proc = run_cli("jaxsft.run", "--config", f"configs/classify_{kind}.py", "--workdir", w,
-                   f"--config.model.name_or_path={folder}", f"--config.data.train={train}",
-                   f"--config.data.eval={evals}", "--config.max_steps=4", "--config.batch_size=8",
-                   "--config.max_length=32", "--config.learning_rate=1e-3")
-    final = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert final["step"] == 4 and 0.0 <= final["eval_accuracy"] <= 1.0
-    result = json.loads(run_cli("jaxsft.evaluate", "--workdir", w, "--predictions",
-                                tmp_path / "pred.jsonl").stdout.strip().splitlines()[-1])
-    assert result["eval_accuracy"] == final["eval_accuracy"]
-    preds = [json.loads(line) for line in open(tmp_path / "pred.jsonl")]
-    assert len(preds) == 16
-
-    run_cli("jaxsft.export", "--workdir", w, "--output", tmp_path / "hf")
-    model = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
-    assert model.config.model_type == kind and model.config.id2label == {0: "negative", 1: "positive"}
-    tok = tf.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    enc = tok([r[0] for r in rows[40:]], padding=True, truncation=True, max_length=32, return_tensors="pt")
-    if kind == "distilbert":
-        enc.pop("token_type_ids", None)
-    with torch.no_grad():
-        probs = torch.softmax(model(**enc).logits, -1).numpy()
-    np.testing.assert_allclose(probs, [p["probabilities"] for p in preds], atol=1e-4)
-    assert [p["pred_id"] for p in preds] == probs.argmax(-1).tolist()
+    check_cli_round_trip(tmp_path, f"classify_{kind}", make_tiny_encoder(tmp_path / "ckpt", kind), kind)
