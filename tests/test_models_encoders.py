@@ -17,6 +17,7 @@ from jaxsft.models import Functional, build_model, flatten_state, hf_name, load_
 
 torch = pytest.importorskip("torch")
 import transformers as tf  # noqa: E402
+from encoder_checks import jax_logits, torch_logits  # noqa: E402
 
 LENGTHS = [17, 9, 3, 12]
 SMALL = dict(vocab_size=211, num_labels=3, max_position_embeddings=64, initializer_range=0.2)
@@ -48,20 +49,6 @@ def padded_batch(vocab: int = 211, pad: int = 0, seed: int = 0):
     mask = (np.arange(ids.shape[1])[None, :] < np.array(LENGTHS)[:, None]).astype(np.int64)
     types = (np.arange(ids.shape[1])[None, :] >= 8).astype(np.int64).repeat(len(LENGTHS), 0) * mask
     return np.where(mask == 1, ids, pad), mask, types
-
-
-def torch_logits(model, ids, mask, types):
-    kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
-    if model.config.model_type == "electra":  # DistilBERT has no token types
-        kw["token_type_ids"] = torch.tensor(types)
-    with torch.no_grad():
-        return model(**kw).logits.numpy()
-
-
-def jax_logits(folder, ids, mask, types, **options):
-    model = build_model(tf.AutoConfig.from_pretrained(folder), "classification", jnp.float32, 0, options)
-    params, report = load_weights(model, hf_io.read_weights(folder), str(folder))
-    return np.asarray(jax.jit(Functional(model).apply)(params, ids, mask, types)), params, report
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
